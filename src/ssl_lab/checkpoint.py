@@ -1,0 +1,150 @@
+"""Crash-safe checkpoints: `checkpoints/step-XXXXXXX/` written under a temporary name, then renamed.
+
+A checkpoint holds `weights.safetensors` (every module's state, flat names `module.param`),
+`state.pt` (optimizer/scheduler counters; only tensors and plain containers, so it loads with
+`torch.load(weights_only=True)`) and `meta.json` (step, epoch, sizes and sha256 of the two
+files). `checkpoints/latest` names the newest complete one; loading verifies the checksums and
+falls back to an older checkpoint with a warning when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ssl_lab.errors import UserError
+
+WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """One flat tensor dict for safetensors (which refuses shared or non-contiguous storage)."""
+    tensors = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def save_checkpoint(run_dir: Path, step: int, modules: dict[str, nn.Module], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(flat_state(modules), str(tmp / WEIGHTS))
+    torch.save(state, tmp / STATE)
+    meta = {"step": step, "epoch": state.get("epoch"),
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                      for f in (WEIGHTS, STATE)}}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # a resumed run re-saving the same step: replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_atomic(root / "latest", final.name)
+    _prune(root, keep)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # leftovers of a process killed mid-save
+        if str(os.getpid()) not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> bool:
+    try:
+        meta = json.loads((ckpt / META).read_text())
+        return all((ckpt / f).stat().st_size == info["bytes"] and _sha256(ckpt / f) == info["sha256"]
+                   for f, info in meta["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; warns about each damaged one it skips."""
+    root = checkpoint_root(run_dir)
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    latest = root / "latest"
+    if latest.is_file() and (root / latest.read_text().strip()).is_dir():
+        named = root / latest.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for ckpt in candidates:
+        if verify(ckpt):
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt} is damaged (checksum mismatch); trying an older one",
+                      stacklevel=2)
+    return None
+
+
+def load_weights(ckpt: Path, modules: dict[str, nn.Module], strict: bool = True) -> None:
+    """Load module states; an architecture mismatch becomes a UserError listing what differs."""
+    try:
+        tensors = load_file(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {ckpt / WEIGHTS} ({exc}); the checkpoint is damaged") from None
+    for name, module in modules.items():
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _check_compatible(module, sub, ckpt, name, strict)
+        module.load_state_dict(sub, strict=strict)
+
+
+def _check_compatible(module: nn.Module, sub: dict[str, torch.Tensor], ckpt: Path, name: str,
+                      strict: bool) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sub)) if strict else []
+    unexpected = sorted(set(sub) - set(own)) if strict else []
+    shapes = [f"{k}: checkpoint {tuple(sub[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own.keys() & sub.keys() if own[k].shape != sub[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"shape mismatch {shapes[:3]}" if shapes else ""]
+        detail = "; ".join(p for p in parts if p)
+        raise UserError(f"checkpoint {ckpt} does not match the '{name}' model ({detail}); "
+                        "use the config the checkpoint was trained with")
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)

@@ -1,0 +1,302 @@
+"""Typed configuration: dataclasses, YAML files and `key=value` overrides.
+
+A config is a tree of dataclasses. Every leaf has a type annotation that is *checked* when a
+value arrives from YAML or the command line, and every key must exist: a typo is an error, not
+a silently ignored setting. `to_dict` / `from_dict` round-trip, so the `config.yaml` written into
+a run directory re-runs the same experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ssl_lab.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # default: runs/<method>-<data>-<UTC timestamp>
+    name: str | None = None  # optional label stored in summary.json
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None
+    fraction: float = 1.0  # seeded subset of the training split
+    target: str | None = None  # label column of multi-factor data (e.g. shapes: colour)
+    val_fraction: float = 0.1
+
+
+@dataclass
+class ViewsConfig:
+    recipe: str = "simclr"
+    n: int = 2
+    size: int = 0  # 0 = the dataset's own image size
+    noise_std: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    width: float = 0.25
+    last_width: int | None = None
+    stem: str = "cifar"
+    projector: str = "512-512-128"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    temperature: float = 0.2  # simclr / supcon
+    negatives: str | int = "all"  # simclr: "all" or k negatives per anchor
+    lambd: float = 0.0051  # barlow_twins
+    beta: float = 0.0051  # multiview_barlow
+    beta_scaling: str = "none"  # "none" | "inverse_dim": beta = beta * beta_ref_dim / d
+    beta_ref_dim: int = 128
+    sim_weight: float = 25.0  # vicreg family
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+    predictor: str = "512-128"  # byol
+    momentum: float = 0.996  # byol target EMA, cosine-scheduled to 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # sgd | adamw | lars
+    lr: float = 1e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    warmup_epochs: float = 1.0
+    momentum: float = 0.9  # sgd / lars
+    final_lr_frac: float = 0.001  # cosine decays to this fraction of the peak lr
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    budget_s: float | None = None  # stop (and checkpoint) once training has used this many seconds
+    ckpt_every_steps: int = 500
+    log_every_steps: int = 50
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    compile: bool = False
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    on_nan: str = "stop"  # stop | skip
+
+
+@dataclass
+class ProbeConfig:
+    online: bool = True
+    lr: float = 1e-3
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # evaluate offline at the end of `train`
+    mlp: bool = False
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    baselines: bool = True  # random-init encoder and raw-pixel probes (cached)
+    batch_size: int = 1024
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    resume: bool = False
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build a dataclass tree from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(_unknown_key_message(dotted, cls, prefix))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value, hint, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key_message(dotted: str, cls: type, prefix: str) -> str:
+    close = difflib.get_close_matches(dotted, all_keys(Config), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see the config table in README.md"
+    return f"unknown config key '{dotted}'{hint}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a leaf annotation; ints are accepted where floats are expected."""
+    options = _union_members(hint)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise UserError(f"config key '{key}' expects {expected}, got {value!r}")
+
+
+def _union_members(hint: Any) -> tuple:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` → ("a.b", value) with the value read as YAML (so 3 is int, null is None)."""
+    if "=" not in text:
+        raise UserError(f"argument '{text}' is not key=value (example: optim.lr=0.01)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of config sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file ← `key=value` overrides, then validated."""
+    tree: dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    cfg = from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "optim.name": ("sgd", "adamw", "lars"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.on_nan": ("stop", "skip"),
+    "method.beta_scaling": ("none", "inverse_dim"),
+    "model.stem": ("cifar", "imagenet"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; names of methods/backbones/recipes/data are
+    checked where they are looked up, against the registries that define them."""
+    flat = _flatten(to_dict(cfg))
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
+    positive = ["optim.lr", "optim.batch_size", "train.epochs", "views.n", "train.ckpt_every_steps",
+                "train.log_every_steps", "method.temperature", "probe.lr", "eval.batch_size",
+                "eval.knn_k", "eval.knn_temperature", "model.width", "method.beta_ref_dim"]
+    for key in positive:
+        if not flat[key] > 0:
+            raise UserError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    non_negative = ["optim.weight_decay", "optim.warmup_epochs", "views.noise_std", "views.size",
+                    "method.lambd", "method.beta"]
+    for key in non_negative:
+        if flat[key] < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    if cfg.views.n < 2:
+        raise UserError(f"views.n must be >= 2 (joint-embedding SSL compares views), got {cfg.views.n}")
+    if not 0 < cfg.data.fraction <= 1:
+        raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.model.last_width is not None and cfg.model.last_width <= 0:
+        raise UserError(f"model.last_width must be a positive int or null, got {cfg.model.last_width}")
+    if cfg.train.budget_s is not None and cfg.train.budget_s <= 0:
+        raise UserError(f"train.budget_s must be > 0 or null, got {cfg.train.budget_s}")
+    neg = cfg.method.negatives
+    if isinstance(neg, str) and neg != "all" or isinstance(neg, int) and neg < 1:
+        raise UserError(f"method.negatives must be 'all' or an int >= 1, got {neg!r}")
+    if not 0 <= cfg.method.momentum <= 1:
+        raise UserError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

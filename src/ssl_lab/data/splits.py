@@ -1,0 +1,139 @@
+"""Split containers and the seeded index arithmetic shared by every data source.
+
+Kept apart from `sources.py` so the format readers can build splits without importing the
+source registry (which imports them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ssl_lab.errors import UserError
+
+
+@dataclass
+class Split:
+    """One split: uint8 images (N, H, W, C) and int64 labels (N,) or (N, F)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, idx: np.ndarray) -> Split:
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's train/val/test splits and the names of its label factors."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    factor_names: list[str]
+    num_classes: list[int]
+    class_names: list[list[str]] | None = None
+    # The factor `select_target(None)` picks; None means the first one.
+    default_target: str | None = field(default=None, repr=False)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[1])
+
+    def select_target(self, target: str | None) -> DatasetSplits:
+        """Keep one label column (N,) for `target`; None picks the default factor."""
+        if target is None:
+            target = self.default_target or self.factor_names[0]
+        if target not in self.factor_names:
+            raise UserError(
+                f"data.target={target!r} is not a factor of {self.name}: "
+                f"choose one of {', '.join(self.factor_names)}"
+            )
+        if self.train.labels.ndim == 1:
+            return self
+        k = self.factor_names.index(target)
+
+        def column(s: Split) -> Split:
+            return Split(s.images, np.ascontiguousarray(s.labels[:, k]))
+
+        return replace(
+            self,
+            train=column(self.train),
+            val=column(self.val),
+            test=column(self.test),
+            factor_names=[target],
+            num_classes=[self.num_classes[k]],
+            class_names=None if self.class_names is None else [self.class_names[k]],
+            default_target=None,
+        )
+
+
+@dataclass
+class Loaded:
+    """What a source reader returns before the val carve and the fraction subset."""
+
+    train: Split
+    test: Split
+    val: Split | None = None  # only sources with their own validation split set it
+    factor_names: list[str] = field(default_factory=lambda: ["label"])
+    num_classes: list[int] | None = None  # None: max label + 1 per factor over all splits
+    class_names: list[list[str]] | None = None
+    default_target: str | None = None
+
+
+def rng_for(*keys: int) -> np.random.Generator:
+    # Modulo 2**64: SeedSequence rejects negative integers, and a seed of -1 is legitimate.
+    return np.random.default_rng([int(k) % 2**64 for k in keys])
+
+
+def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (keep, held_out) index arrays; stratified per class for single-label data.
+
+    Stratifying keeps small test sets (digits, a few-image imagefolder) balanced.
+    """
+    rng = rng_for(seed, 0x7E57)
+    if labels.ndim != 1:
+        perm = rng.permutation(len(labels))
+        n_out = round(fraction * len(labels))
+        return np.sort(perm[n_out:]), np.sort(perm[:n_out])
+    out = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        out.append(idx[: round(fraction * len(idx))])
+    held = np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held, assume_unique=True)
+    return keep, held
+
+
+def carve_val(train: Split, val_fraction: float, rng: np.random.Generator) -> tuple[Split, Split]:
+    """Split `train` into (train, val) with a seeded permutation; both keep file order."""
+    perm = rng.permutation(len(train))
+    n_val = round(val_fraction * len(train))
+    return train.take(np.sort(perm[n_val:])), train.take(np.sort(perm[:n_val]))
+
+
+def subset(train: Split, fraction: float, rng: np.random.Generator) -> Split:
+    """A prefix of one seeded permutation, so smaller fractions are nested in larger ones."""
+    if fraction >= 1.0:
+        return train
+    n = max(1, math.ceil(fraction * len(train)))
+    return train.take(np.sort(rng.permutation(len(train))[:n]))
+
+
+def count_classes(loaded: Loaded) -> list[int]:
+    """Max label + 1 per factor over every split (for sources without a fixed class list)."""
+    parts = [s.labels for s in (loaded.train, loaded.val, loaded.test) if s is not None]
+    labels = np.concatenate([p.reshape(len(p), -1) for p in parts])
+    if len(labels) == 0:
+        return [0] * len(loaded.factor_names)
+    return [int(v) + 1 for v in labels.max(axis=0)]

@@ -1,0 +1,268 @@
+"""Batched augmentation primitives: every op takes a whole batch and per-sample parameters.
+
+Tensors are float32 (M, C, H, W) in [0, 1] (M = views x samples). No function loops over
+samples in Python and none calls `.item()`, so the ops run unchanged on CPU or CUDA without
+a host sync. Parameters are sampled elsewhere (views.py); these functions are deterministic,
+which is what makes `ViewGenerator.replay` exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
+GRAY_RGB = (0.2989, 0.587, 0.114)
+# RGB -> YIQ; a hue shift is a rotation of the (I, Q) chroma plane that keeps luma Y.
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_INV = tuple(map(tuple, torch.linalg.inv(torch.tensor(_YIQ, dtype=torch.float64)).tolist()))
+N_CROP_TRIES = 10  # candidates per sample, as torchvision's RandomResizedCrop
+
+
+@functools.lru_cache(maxsize=64)
+def const(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small float32 constant on device, made once: torch.tensor(..., device="cuda") is a
+    blocking host-to-device copy, i.e. a sync, if done on every call. Never modify it."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def gray_weights(channels: int, device: torch.device) -> torch.Tensor:
+    """Luma weights (C,); for one channel the "gray" image is the image itself."""
+    return const(GRAY_RGB if channels == 3 else (1.0,), device)
+
+
+def to_float(images: torch.Tensor, repeats: int = 1,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (repeats * N, C, H, W) in [0, 1], channels-last memory.
+
+    Converting in the images' own NHWC layout is a plain vectorised cast (transposing while
+    casting is 2x slower); grid_sample reads channels-last input at full speed anyway.
+    `out`, if given, is an (repeats, N, H, W, C) float32 buffer reused across calls.
+    """
+    n, h, w, c = images.shape
+    if out is None:
+        out = torch.empty((repeats, n, h, w, c), device=images.device)
+    out.copy_(images.expand(repeats, n, h, w, c)).div_(255.0)
+    return out.view(repeats * n, h, w, c).permute(0, 3, 1, 2)
+
+
+def sample_crop_boxes(
+    u: torch.Tensor, height: int, width: int,
+    scale: tuple[float, float], ratio: tuple[float, float],
+) -> torch.Tensor:
+    """RandomResizedCrop boxes (M, 4) = (top, left, h, w), int64, from uniforms u (M, 2T+2).
+
+    Same rule as torchvision: T candidates (area, log-ratio); the first that fits wins; if none
+    fits, the centre crop with the ratio clamped into range. Vectorised over samples.
+    """
+    t = N_CROP_TRIES
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, t:2 * t])
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    fw, fh = _fallback_size(height, width, ratio)
+    found = ok.any(dim=1)
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    # Uniform integer offsets in [0, H - h]; the clamp guards float rounding at u -> 1.
+    top = torch.minimum((u[:, 2 * t] * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((u[:, 2 * t + 1] * (width - w + 1)).floor(), width - w)
+    top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
+    left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
+    return torch.stack((top, left, h, w), dim=1).long()
+
+
+def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return width, round(width / min(ratio))
+    if in_ratio > max(ratio):
+        return round(height * max(ratio)), height
+    return width, height
+
+
+def crop_flip_resize(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                     grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop boxes (M, 4), mirror where flip (M,), resize to size: one bilinear grid_sample.
+
+    x is (M, C, H, W) (row m is cut by box m). Equals cutting the box out and resizing it
+    bilinearly with align_corners=False (torchvision's Resize without antialias), then
+    flipping. `grid`, if given, is an (M, S, S, 2) float32 buffer reused across calls.
+    """
+    height, width = x.shape[-2:]
+    grid = _axis_aligned_grid(boxes.to(torch.float32), flip, height, width, size, grid)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _axis_aligned_grid(boxes: torch.Tensor, flip: torch.Tensor, height: int, width: int,
+                       size: int, out: torch.Tensor | None) -> torch.Tensor:
+    # The same grid F.affine_grid builds for theta = [[sx, 0, tx], [0, sy, ty]], but built by
+    # broadcasting: affine_grid's general batched matmul costs as much as the sampling itself.
+    top, left, h, w = boxes.unbind(1)
+    sx = torch.where(flip, -w, w) / width
+    tx = (2 * left + w) / width - 1
+    sy = h / height
+    ty = (2 * top + h) / height - 1
+    base = (torch.arange(size, device=boxes.device, dtype=torch.float32) * 2 + 1) / size - 1
+    # Clamp to the box's outer pixel centres: the edge pixel is repeated, as when the crop is
+    # cut out first and then resized, instead of blending in pixels from outside the box.
+    gx = torch.addcmul(tx[:, None], sx[:, None], base).clamp_(
+        ((2 * left + 1) / width - 1)[:, None], ((2 * (left + w) - 1) / width - 1)[:, None])
+    gy = torch.addcmul(ty[:, None], sy[:, None], base).clamp_(
+        ((2 * top + 1) / height - 1)[:, None], ((2 * (top + h) - 1) / height - 1)[:, None])
+    m = boxes.shape[0]
+    return torch.stack((gx[:, None, :].expand(m, size, size), gy[:, :, None].expand(m, size, size)),
+                       dim=-1, out=out)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole-image resize to (size, size), antialiased when shrinking (like torchvision)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+def jitter_matrices(
+    brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+    hue: torch.Tensor, channels: int,
+) -> torch.Tensor:
+    """(M, 4, C, C) colour matrices of brightness, contrast, saturation, hue per sample.
+
+    Contrast's matrix is only its scale part c*I; its shift (1-c)*mean is added at apply time
+    because the mean depends on the image after the ops that precede it.
+    """
+    m, dev = brightness.shape[0], brightness.device
+    eye = torch.eye(channels, device=dev)
+    w = gray_weights(channels, dev)
+    gray = torch.ones(channels, 1, device=dev) * w[None, :]  # every channel <- luma
+    sat = saturation[:, None, None]
+    mats = [
+        brightness[:, None, None] * eye,
+        contrast[:, None, None] * eye,
+        sat * eye + (1 - sat) * gray,  # = identity when C == 1
+        _hue_matrices(hue) if channels == 3 else eye.expand(m, 1, 1),
+    ]
+    return torch.stack(mats, dim=1)
+
+
+def _hue_matrices(hue: torch.Tensor) -> torch.Tensor:
+    """RGB matrices rotating chroma by hue * 360 degrees in YIQ space (DALI's hue op)."""
+    yiq, yiq_inv = const(_YIQ, hue.device), const(_YIQ_INV, hue.device)
+    theta = hue * (2 * math.pi)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(hue.shape[0], 3, 3, device=hue.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
+    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
+    return yiq_inv @ rot @ yiq
+
+
+def color_jitter(x: torch.Tensor, mats: torch.Tensor, contrast: torch.Tensor,
+                 order: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Apply the 4 jitter ops in per-sample order (M, 4), clamping after each as torchvision.
+
+    x: contiguous (M, C, H, W), overwritten and returned; work: a scratch tensor like x. Each
+    step is one batched matmul over the colour axis (sample m applies op order[m, k] at step
+    k), written alternately into work and x: fresh 6 MB outputs cost more than the matmul.
+    Contrast (op 1) blends with the mean luma of the image *at its step*.
+    """
+    m, c, h, w = x.shape
+    src, dst = x.view(m, c, h * w), work.view(m, c, h * w)
+    luma = gray_weights(c, x.device)
+    rows = torch.arange(m, device=x.device)
+    shift_coef = torch.zeros(m, 4, device=x.device)
+    shift_coef[:, 1] = 1 - contrast
+    for k in range(4):
+        op = order[:, k]
+        mean = src.mean(dim=2) @ luma  # (M,) mean luma, read before this step
+        shift = (shift_coef[rows, op] * mean)[:, None, None]
+        torch.baddbmm(shift, mats[rows, op], src, out=dst).clamp_(0.0, 1.0)
+        src, dst = dst, src
+    return x  # an even number of steps ends back in x
+
+
+def grayscale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """In place: every channel becomes the luma where mask (M,); no-op for one channel."""
+    m, c, h, w = x.shape
+    if c == 1:
+        return x
+    flat = x.view(m, c, h * w)
+    gray = torch.matmul(gray_weights(c, x.device)[None, :], flat)  # (M, 1, HW)
+    torch.where(mask[:, None, None], gray, flat, out=flat)
+    return x
+
+
+def blur_kernel_size(size: int, frac: float) -> int:
+    """Odd kernel ~frac of the image side (SimCLR: 10% -> 23 px at 224), at least 3."""
+    return max(3, int(frac * size) // 2 * 2 + 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksize: int,
+                  work: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with per-sample sigma (M,) where mask, reflect padding.
+
+    x: contiguous (M, C, H, W), overwritten and returned; work: a scratch tensor like x.
+
+    Unmasked samples get a delta kernel, which reproduces them, so the whole batch is blurred
+    at once with no gather/scatter and no host sync. Small images multiply by per-sample band
+    matrices (reflection built in): one GEMM per axis beats a depthwise convolution there.
+    """
+    kern = _gauss_kernels(sigma, mask, ksize)
+    if max(x.shape[-2:]) > _BAND_MAX:
+        return x.copy_(_blur_conv(x, kern))
+    m, c, h, w = x.shape
+    rows = torch.bmm(x.view(m, c * h, w), _band(kern, w).transpose(1, 2),
+                     out=work.view(m, c * h, w))
+    return torch.matmul(_band(kern, h)[:, None], rows.view(m, c, h, w), out=x)
+
+
+_BAND_MAX = 96  # above this side a band matmul costs more than a k-tap convolution
+
+
+def _gauss_kernels(sigma: torch.Tensor, mask: torch.Tensor, ksize: int) -> torch.Tensor:
+    """(M, K) normalised Gaussian taps (torchvision's), a delta where mask is off."""
+    half = ksize // 2
+    pos = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float32)
+    kern = torch.exp(-0.5 * (pos / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    kern = kern / kern.sum(dim=1, keepdim=True)
+    return torch.where(mask[:, None], kern, (pos == 0).to(torch.float32))
+
+
+def _band(kern: torch.Tensor, n: int) -> torch.Tensor:
+    """(M, n, n) matrices B with (B @ v)[i] = sum_t kern[t] * v[reflect(i + t - K // 2)]."""
+    m, k = kern.shape
+    dev = kern.device
+    idx = torch.arange(n, device=dev)[:, None] + torch.arange(k, device=dev) - k // 2
+    idx = torch.where(idx < 0, -idx, idx)
+    idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx).clamp_(0, n - 1)  # n < K: repeat
+    mats = torch.zeros(m, n, n, device=kern.device)
+    return mats.scatter_add_(2, idx.expand(m, n, k), kern[:, None, :].expand(m, n, k))
+
+
+def _blur_conv(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """The same blur as two depthwise convolutions (one kernel per sample and channel)."""
+    m, c, h, w = x.shape
+    half = kern.shape[1] // 2
+    kern = kern.repeat_interleave(c, dim=0)
+    y = x.reshape(1, m * c, h, w)
+    y = F.conv2d(F.pad(y, (half, half, 0, 0), mode="reflect"), kern[:, None, None, :],
+                 groups=m * c)
+    y = F.conv2d(F.pad(y, (0, 0, half, half), mode="reflect"), kern[:, None, :, None],
+                 groups=m * c)
+    return y.view(m, c, h, w)
+
+
+def solarize(x: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """In place: invert pixels >= threshold (x -> 1 - x) in the samples where mask (M,)."""
+    # A threshold above any pixel value switches the op off for unmasked samples.
+    thr = torch.where(mask, threshold, 2.0)[:, None, None, None]
+    return torch.where(x >= thr, 1.0 - x, x, out=x)

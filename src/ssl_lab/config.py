@@ -65,7 +65,7 @@ class MethodConfig:
     sim_weight: float = 25.0  # vicreg family
     var_weight: float = 25.0
     cov_weight: float = 1.0
-    predictor: str = "512-128"  # byol
+    predictor: str = "512"  # byol: hidden widths; the output always has z's width
     momentum: float = 0.996  # byol target EMA, cosine-scheduled to 1
 
 
@@ -253,7 +253,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.on_nan": ("stop", "skip"),
     "method.beta_scaling": ("none", "inverse_dim"),
-    "model.stem": ("cifar", "imagenet"),
+    "model.stem": ("cifar", "small", "imagenet"),
 }
 
 

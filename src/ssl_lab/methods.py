@@ -137,7 +137,7 @@ class SSLModel(nn.Module):
     def __init__(self, encoder: Encoder, method: Method, method_cfg: MethodConfig, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.predictor = Projector(encoder.out_dim, method_cfg.predictor) if method.predictor else None
+        self.predictor = _predictor(encoder.out_dim, method_cfg.predictor) if method.predictor else None
         self.classifier = nn.Linear(encoder.out_dim, num_classes) if method.classifier else None
         self.target = copy.deepcopy(encoder).requires_grad_(False) if method.target else None
 
@@ -167,6 +167,11 @@ class SSLModel(nn.Module):
         torch._foreach_add_(target, online, alpha=1 - momentum)
         for t_buf, o_buf in zip(self.target.buffers(), self.encoder.buffers(), strict=True):
             t_buf.copy_(o_buf)
+
+
+def _predictor(dim: int, hidden: str) -> Projector:
+    """BYOL's predictor maps z back to z's width, so `method.predictor` only names hidden layers."""
+    return Projector(dim, f"{hidden}-{dim}" if hidden.strip() else str(dim))
 
 
 def byol_momentum(base: float, step: int, total_steps: int) -> float:

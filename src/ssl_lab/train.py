@@ -28,12 +28,12 @@ from ssl_lab.methods import Encoder, SSLModel, byol_momentum, get_method
 from ssl_lab.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from ssl_lab.runtime import autocast, env_info, pick_device, resolve_precision, utc_stamp
 
-
 # ----------------------------------------------------------------------------- run directory
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """A new directory per run; an existing one only with resume=true (never overwrite work)."""
+    """A new directory per run; an existing one only with resume=true (never overwrite work).
+    Only checks: the directory is created once the data has loaded, so a bad input leaves none."""
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
     elif cfg.resume:
@@ -46,7 +46,6 @@ def prepare_run_dir(cfg: Config) -> Path:
     if cfg.resume and not (run_dir / "config.yaml").is_file():
         raise UserError(f"resume=true but {run_dir} holds no run (no config.yaml); start it "
                         "without resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -131,6 +130,7 @@ def build(cfg: Config) -> Setup:
 
     batch_size = min(cfg.optim.batch_size, len(data.train.images))
     steps_per_epoch = len(data.train.images) // batch_size
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: every input has been validated
     (run_dir / "encoder.json").write_text(json.dumps(
         encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,

@@ -29,7 +29,7 @@ from torch import nn
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
 
-STEMS = ("cifar", "imagenet")
+STEMS = ("cifar", "small", "imagenet")
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -157,6 +157,9 @@ class ResNet(Backbone):
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, cout, 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "small":  # 3x3 stride 2: 28-64 px images at a quarter of the cifar cost
+            self.conv1 = nn.Conv2d(in_chans, cout, 3, stride=2, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         else:
             self.conv1 = conv3x3(in_chans, cout)
             self.maxpool = nn.Identity()

@@ -1,0 +1,97 @@
+"""Training throughput: the full loop (data, views, probes, logging) vs the model step alone.
+
+    python bench/bench_train.py [--steps 60] [key=value ...]
+
+Both are measured in the same process, same model, precision and batch: the "model-only" number
+replays one pre-made batch of views through forward + loss + backward + optimizer step, the
+ceiling any pipeline could reach. Prints a markdown row and writes JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ssl_lab.config import load_config
+from ssl_lab.methods import get_method
+from ssl_lab.runtime import autocast
+from ssl_lab.train import build, step_generator, train
+
+
+def model_only(cfg, steps: int, warmup: int = 5) -> float:
+    """views/s of forward + loss + backward + step on one fixed batch of views."""
+    s = build(cfg)
+    method = get_method(cfg.method.name)
+    x = torch.from_numpy(s.data.train.images[: s.batch_size]).to(s.device)
+    y = torch.from_numpy(s.data.train.labels[: s.batch_size]).to(s.device)
+    gen = step_generator(s.device, cfg.seed, 0)
+    views = s.views(x, gen)
+    layers = s.probes.layer_names if s.probes else []
+
+    def one_step():
+        with autocast(s.device, s.amp_dtype):
+            out = s.model(views, layers)
+            loss = method.loss(out, y, cfg.method, gen)
+            probe = s.probes.loss(out["features"], y.repeat(views.shape[0])) if s.probes else 0
+        (loss + probe).backward()
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return steps * views.shape[0] * views.shape[1] / (time.perf_counter() - start)
+
+
+def full_loop(cfg, steps: int) -> float:
+    """views/s the training loop reports over its whole run (data, views, probes, logging)."""
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["views_per_s"] for r in rows[1:]) / max(len(rows) - 1, 1)  # skip warm-up window
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [*args.overrides, "eval.enabled=false", "train.log_every_steps=10",
+                "train.ckpt_every_steps=100000"]
+        ceiling = model_only(load_config(None, [*base, f"run.dir={tmp}/a"]), args.steps)
+        cfg = load_config(None, [*base, f"run.dir={tmp}/b", "train.epochs=1"])
+        cfg.train.budget_s = None
+        loop = full_loop_steps(cfg, args.steps)
+    result = {"model_only_views_per_s": ceiling, "loop_views_per_s": loop,
+              "ratio": loop / ceiling, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              "overrides": args.overrides}
+    print("| model-only views/s | full loop views/s | ratio |\n|---|---|---|")
+    print(f"| {ceiling:.0f} | {loop:.0f} | {loop / ceiling:.1%} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+def full_loop_steps(cfg, steps: int) -> float:
+    """Run the real loop on a training subset sized to `steps` steps (one epoch)."""
+    n_train = steps * cfg.optim.batch_size
+    cfg.data.fraction = 1.0
+    s_probe = build(cfg)  # to learn the train size; its run dir is reused below
+    frac = min(1.0, n_train / len(s_probe.data.train.images))
+    cfg.data.fraction = frac
+    cfg.resume = True  # the directory now exists (build wrote encoder.json) but holds no checkpoint
+    (s_probe.run_dir / "config.yaml").write_text("{}")
+    return full_loop(cfg, steps)
+
+
+if __name__ == "__main__":
+    main()

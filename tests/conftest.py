@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny, fast, offline runs (digits / hand-made npz), baselines cached in tmp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test gets its own baseline cache and working directory (default runs/ lands there)."""
+    monkeypatch.setenv("SSL_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+def tiny_run_overrides(run_dir, **extra) -> list[str]:
+    """A 2-epoch run on a fifth of sklearn's digits with a 1/8-width ResNet-18: seconds on CPU."""
+    base = {"run.dir": str(run_dir), "data.name": "digits", "data.fraction": 0.2,
+            "model.width": 0.125, "model.projector": "32-16", "optim.batch_size": 64,
+            "train.epochs": 2, "train.log_every_steps": 2, "eval.batch_size": 512}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def stripes_npz(tmp_path):
+    """Two visually obvious classes (horizontal vs vertical stripes + noise) in the npz format."""
+    rng = np.random.default_rng(0)
+    n, size = 240, 16
+    labels = rng.integers(0, 2, n)
+    grid = (np.arange(size) // 2 % 2).astype(np.float32)
+    horizontal = np.repeat(grid[:, None], size, 1)
+    images = np.where(labels[:, None, None] == 0, horizontal, horizontal.T)
+    images = np.clip(images * 200 + rng.normal(0, 20, images.shape) + 25, 0, 255).astype(np.uint8)
+    path = tmp_path / "stripes.npz"
+    np.savez(path, images=images[..., None], labels=labels.astype(np.int64))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test models gain nothing from a second thread, and on a loaded 2-core machine
+    OpenMP threads that wait on each other make them ~10x slower."""
+    import torch
+
+    torch.set_num_threads(1)

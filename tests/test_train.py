@@ -1,0 +1,107 @@
+"""The training loop, run directory contract, resume and the CLI, on tiny real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_overrides
+from safetensors.torch import load_file
+
+from ssl_lab import checkpoint as ckpt_io
+from ssl_lab.cli import main
+from ssl_lab.config import load_config
+from ssl_lab.train import train
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+SUMMARY_KEYS = {"method", "dataset", "epochs", "wall_s", "views_per_s", "probes", "probes_val",
+                "best_layer", "knn_top1", "online_probes", "random_init_probes", "pixel_probe"}
+
+
+def test_cli_train_then_eval_on_another_dataset(tmp_path, stripes_npz, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_run_overrides(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    layers = ["stage1", "stage2", "stage3", "backbone", "proj1", "proj2"]
+    assert list(summary["probes"]) == layers == list(summary["random_init_probes"])
+    assert summary["best_layer"] == max(summary["probes_val"], key=summary["probes_val"].get)
+    assert summary["epochs"] == 2 and 0 < summary["pixel_probe"] <= 1
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "encoder.json", "plots/probes.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert ckpt_io.verify(run / "checkpoints" / latest)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "views_per_s", "z_std", "rankme", "online/backbone"} <= set(rows[-1])
+    assert "<- best" in capsys.readouterr().out
+
+    assert main(["eval", str(run), f"data.name=npz:{stripes_npz}"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["dataset"].startswith("npz:") and set(report["layers"]) == set(layers)
+    assert {"linear_val", "linear_test", "knn_test", "zero_frac", "binarized_test", "rankme"} <= \
+        set(report["layers"]["backbone"])
+    assert {"linear_val", "linear_test", "knn_test"} <= set(report["pixels"])
+    assert any(p.name.startswith("probes-npz_") for p in (run / "plots").iterdir())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_runs_two_steps(path, tmp_path):
+    over = tiny_run_overrides(tmp_path / "r", **{"train.epochs": 1, "eval.enabled": False})
+    cfg = load_config(path, [o for o in over if not o.startswith("model.projector")])
+    run = train(cfg, stop_at_step=2)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    found = ckpt_io.find_checkpoint(run)
+    return load_file(str(found / ckpt_io.WEIGHTS))
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, method):
+    extra = {"method.name": method, "eval.enabled": False, "train.ckpt_every_steps": 3,
+             "views.recipe": "byol"}
+    straight = train(load_config(None, tiny_run_overrides(tmp_path / "a", **extra)))
+    crashed = tiny_run_overrides(tmp_path / "b", **extra)
+    train(load_config(None, crashed), stop_at_step=7)  # "killed" after step 7; last ckpt: step 6
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    train(load_config(None, [*crashed, "resume=true"]))
+    a, b = _final_weights(straight), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
+
+
+def test_online_probes_learn_an_easy_task(tmp_path, stripes_npz):
+    over = tiny_run_overrides(tmp_path / "r", **{
+        "data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "optim.batch_size": 36,
+        "train.epochs": 6, "train.log_every_steps": 12, "eval.enabled": False,
+        "probe.lr": 0.05, "views.recipe": "weak"})
+    run = train(load_config(None, over))
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    # Horizontal vs vertical stripes: chance is 0.5; a working probe is far above it.
+    assert last["online/stage1"] > 0.8 and last["online/backbone"] > 0.8, last
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "optim.lr=abc"], "expects float"),
+    (["train", "data.name=npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
+    (["train", "method.name=simsiam"], "unknown method.name"),
+    (["eval", "/nonexistent/run"], "does not exist"),
+])
+def test_cli_user_errors_exit_2_with_one_line(args, fragment, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_existing_run_dir_needs_resume(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "something").write_text("x")
+    assert main(["train", *tiny_run_overrides(run)]) == 2
+    assert "resume=true" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["something"]  # nothing half-written

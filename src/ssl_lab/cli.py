@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="views.png")
     p.add_argument("--n", type=int, default=8, help="how many images (rows)")
     p.set_defaults(func=cmd_views)
+
+    from ssl_lab.gen import infusion_run
+
+    infusion_run.add_commands(sub)
     return parser
 
 

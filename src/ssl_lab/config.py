@@ -48,8 +48,8 @@ class ViewsConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     width: float = 0.25
-    last_width: int | None = None
-    stem: str = "cifar"
+    last_width: int | None = 512  # Expand/Narrow: a wide last block probes better (docs/RESULTS.md)
+    stem: str = "small"
     projector: str = "512-512-128"
 
 
@@ -72,7 +72,7 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # sgd | adamw | lars
-    lr: float = 1e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
+    lr: float = 2e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
     weight_decay: float = 1e-4
     batch_size: int = 256
     warmup_epochs: float = 1.0
@@ -82,7 +82,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 2
     budget_s: float | None = None  # stop (and checkpoint) once training has used this many seconds
     ckpt_every_steps: int = 500
     log_every_steps: int = 50

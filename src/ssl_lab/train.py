@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.config import Config, save_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
-from ssl_lab.data.views import ViewGenerator
+from ssl_lab.data.views import ViewGenerator, get_recipe
 from ssl_lab.errors import UserError
 from ssl_lab.eval.metrics import rankme
 from ssl_lab.eval.online import OnlineProbes
@@ -110,7 +110,8 @@ def build(cfg: Config) -> Setup:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device()
     amp_dtype = resolve_precision(cfg.train.precision, device)
-    method = get_method(cfg.method.name)  # fail on a bad name before loading anything
+    method = get_method(cfg.method.name)  # fail on bad names before loading anything
+    get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
     run_dir = prepare_run_dir(cfg)
     data = load_training_data(cfg)
     size = cfg.views.size or data.image_size

@@ -156,8 +156,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     eval.json, evals/<dataset>.json and plots/probes[-<dataset>].png."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
     spec = read_spec(run_dir)
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
     device = pick_device()
     amp_dtype = resolve_precision(cfg.train.precision, device)
     # Probes use the whole labelled training split: data.fraction limits SSL training only.

@@ -16,7 +16,8 @@ def _isolated(tmp_path, monkeypatch):
 def tiny_run_overrides(run_dir, **extra) -> list[str]:
     """A 2-epoch run on a fifth of sklearn's digits with a 1/8-width ResNet-18: seconds on CPU."""
     base = {"run.dir": str(run_dir), "data.name": "digits", "data.fraction": 0.2,
-            "model.width": 0.125, "model.projector": "32-16", "optim.batch_size": 64,
+            "model.width": 0.125, "model.projector": "32-16", "model.stem": "cifar",
+            "model.last_width": "null", "optim.batch_size": 64,
             "train.epochs": 2, "train.log_every_steps": 2, "eval.batch_size": 512}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

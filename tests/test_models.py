@@ -232,7 +232,7 @@ def test_unknown_names_are_user_errors():
         build_backbone("resnet101")
     with pytest.raises(UserError, match="patch_size"):
         build_backbone("resnet18", patch_size=4)
-    with pytest.raises(UserError, match="cifar, imagenet"):
+    with pytest.raises(UserError, match="cifar, small, imagenet"):
         build_backbone("resnet18", stem="tiny")
     with pytest.raises(UserError, match="width"):
         build_backbone("resnet18", width=0)

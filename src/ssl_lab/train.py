@@ -299,5 +299,6 @@ def summary_from_eval(report: dict) -> dict:
     return {"probes": {k: v["linear_test"] for k, v in layers.items()},
             "probes_val": {k: v["linear_val"] for k, v in layers.items()},
             "best_layer": best, "knn_top1": layers[best]["knn_test"],
-            "random_init_probes": {k: v["linear_test"] for k, v in report["random_init"].items()},
-            "pixel_probe": report["pixels"]["linear_test"], "eval_s": report["eval_s"]}
+            "random_init_probes": {k: v["linear_test"] for k, v in report.get("random_init", {}).items()},
+            "pixel_probe": report["pixels"]["linear_test"] if "pixels" in report else None,
+            "eval_s": report["eval_s"]}

@@ -40,8 +40,8 @@ def table(results: list[tuple[str, dict]]) -> str:
         cells = [f"{100 * s['probes'][k]:.1f}" if k in s["probes"] else "-" for k in layers]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['best_layer']} | "
                      f"{100 * s['knn_top1']:.1f} | {s['train_s']:.0f} | {s['views_per_s']:.0f} |")
-    pixels = results[0][1]["pixel_probe"]
-    lines.append(f"\nraw-pixel linear probe: {100 * pixels:.1f}")
+
+
     return "\n".join(lines)
 
 

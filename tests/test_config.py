@@ -27,6 +27,12 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.budget_s is None and cfg.data.name == "digits"
 
 
+def test_yaml_quirks_mean_what_was_typed():
+    cfg = load_config(None, ["optim.lr=1e-3", "model.projector=128"])
+    assert cfg.optim.lr == 1e-3 and cfg.model.projector == "128"
+    assert load_config(None, ["method.negatives=1"]).method.negatives == 1
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["seed=3", "views.n=4", "method.name=vicreg"])
     save_config(cfg, tmp_path / "c.yaml")

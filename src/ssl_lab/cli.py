@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="how many images (rows)")
     p.set_defaults(func=cmd_views)
 
-    from ssl_lab.gen import infusion_run
+    from ssl_lab import export, importer, sweep
+    from ssl_lab.gen import infusion_run, rcdm_run
 
-    infusion_run.add_commands(sub)
+    for module in (sweep, export, importer, rcdm_run, infusion_run):
+        module.add_commands(sub)
     return parser
 
 

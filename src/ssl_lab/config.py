@@ -181,8 +181,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+    lenient = _lenient(value, options)
+    if lenient is not None:
+        return lenient
     expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
     raise UserError(f"config key '{key}' expects {expected}, got {value!r}")
+
+
+def _lenient(value: Any, options: tuple) -> Any:
+    """Second chance for YAML's quirks: PyYAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`)
+    and `model.projector=128` as an int; both mean what the user typed."""
+    if float in options and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if str in options and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _union_members(hint: Any) -> tuple:

@@ -168,6 +168,8 @@ def collapse_monitors(z: torch.Tensor) -> dict[str, float]:
     """Std per dimension of the L2-normalised z (≈ 1/√D when healthy, → 0 under collapse) and
     RankMe, both on the first view of the last batch."""
     z0 = torch.nn.functional.normalize(z[0].detach().float(), dim=1)
+    if not torch.isfinite(z0).all():
+        return {"z_std": float("nan"), "z_std_x_sqrt_d": float("nan"), "rankme": float("nan")}
     return {"z_std": z0.std(0).mean().item(), "z_std_x_sqrt_d": z0.std(0).mean().item()
             * z0.shape[1] ** 0.5, "rankme": rankme(z0)}
 
@@ -212,10 +214,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> Path:
                 loss = method.loss(out, labels, cfg.method, gen)
                 probe_loss = s.probes.loss(out["features"], labels.repeat(views.shape[0])) \
                     if s.probes else 0.0
-            if cfg.train.on_nan == "skip" and not torch.isfinite(loss):
-                tqdm.write(f"step {step}: non-finite loss, update skipped (train.on_nan=skip)")
+            (loss + probe_loss).backward()
+            if cfg.train.on_nan == "skip" and not _finite_update(loss, s.optimizer):
+                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped "
+                           "(train.on_nan=skip)")
             else:
-                (loss + probe_loss).backward()
                 s.optimizer.step()
                 if s.probe_optimizer:
                     s.probe_optimizer.step()
@@ -264,6 +267,14 @@ def train(cfg: Config, stop_at_step: int | None = None) -> Path:
         metrics.close()
         writer.close()
     return finish(s, step, train_time, stopped_by_budget, online_acc, wall_start)
+
+
+def _finite_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """One sync per step, paid only with train.on_nan=skip: a finite loss can still have NaN
+    gradients, and a single NaN update poisons every later step."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norms = torch._foreach_norm(grads) if grads else []
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(n)) for n in norms)
 
 
 def _nan_message(step: int, window: int, run_dir: Path) -> str:

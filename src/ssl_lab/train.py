@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
+from ssl_lab import dist
 from ssl_lab.config import Config, save_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
@@ -81,8 +82,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The views of one step on one rank: a pure function of (seed, step, rank)."""
+    return torch.Generator(device=device).manual_seed(dist.rank_generator_seed(seed, step, rank))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -100,19 +102,22 @@ class Setup:
     optimizer: torch.optim.Optimizer
     probe_optimizer: torch.optim.Optimizer | None
     views: ViewGenerator
-    batch_size: int
+    batch_size: int  # global batch (all ranks): lr scaling and steps per epoch use it
     steps_per_epoch: int
     total_steps: int
+    info: dist.DistInfo
+    per_rank: int
 
 
-def build(cfg: Config) -> Setup:
+def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
+    info = info or dist.DistInfo(0, 1, 0, pick_device())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device()
+    device = info.device
     amp_dtype = resolve_precision(cfg.train.precision, device)
     method = get_method(cfg.method.name)  # fail on bad names before loading anything
     get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = _agreed_run_dir(cfg, info)
     data = load_training_data(cfg)
     size = cfg.views.size or data.image_size
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std)
@@ -121,7 +126,10 @@ def build(cfg: Config) -> Setup:
 
     torch.manual_seed(cfg.seed)
     encoder = Encoder(cfg.model, data.in_chans, size, mean, std)
-    model = SSLModel(encoder, method, cfg.method, num_classes).to(device)
+    model = SSLModel(encoder, method, cfg.method, num_classes)
+    if info.distributed:  # global batch statistics, also on CPU (encoder, predictor, target)
+        model = dist.convert_sync_batchnorm(model)
+    model = model.to(device)
     probes = OnlineProbes(encoder.feature_dims, num_classes).to(device) if cfg.probe.online else None
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -130,12 +138,30 @@ def build(cfg: Config) -> Setup:
     probe_optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.probe.lr) if probes else None
 
     batch_size = min(cfg.optim.batch_size, len(data.train.images))
+    per_rank = dist.per_rank_batch(batch_size, info.world_size)
     steps_per_epoch = len(data.train.images) // batch_size
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: every input has been validated
-    (run_dir / "encoder.json").write_text(json.dumps(
-        encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: every input has been validated
+        (run_dir / "encoder.json").write_text(json.dumps(
+            encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
+    dist.barrier()
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,
-                 views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+                 views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs, info,
+                 per_rank)
+
+
+def _agreed_run_dir(cfg: Config, info: dist.DistInfo) -> Path:
+    """Rank 0 decides (the default name holds a timestamp); every rank raises the same error."""
+    answer: str | Path = ""
+    if info.is_main:
+        try:
+            answer = prepare_run_dir(cfg)
+        except UserError as exc:
+            answer = str(exc)
+    answer = dist.broadcast_object(answer)
+    if isinstance(answer, str):
+        raise UserError(answer)
+    return Path(answer)
 
 
 def _modules(s: Setup) -> dict[str, torch.nn.Module]:
@@ -177,16 +203,26 @@ def collapse_monitors(z: torch.Tensor) -> dict[str, float]:
 def train(cfg: Config, stop_at_step: int | None = None) -> Path:
     """Run (or resume) a training run; returns its directory. `stop_at_step` simulates a crash
     after that many steps (tests use it): no final checkpoint, no evaluation."""
+    info = dist.init_from_env()
+    try:
+        return _train(cfg, info, stop_at_step)
+    finally:
+        dist.cleanup()
+
+
+def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
     wall_start = time.perf_counter()
-    s = build(cfg)
-    cfg, device = s.cfg, s.device
+    s = build(cfg, info)
+    cfg, device, main = s.cfg, s.device, info.is_main
     step, train_time = restore(s)
-    if step == 0:
-        save_config(cfg, s.run_dir / "config.yaml")
-    (s.run_dir / "env.json").write_text(json.dumps(env_info(device), indent=1))
+    if main:
+        if step == 0:
+            save_config(cfg, s.run_dir / "config.yaml")
+        (s.run_dir / "env.json").write_text(json.dumps(env_info(device) | {
+            "world_size": info.world_size}, indent=1))
     method = get_method(cfg.method.name)
-    writer = SummaryWriter(str(s.run_dir / "tensorboard"))
-    metrics = open(s.run_dir / "metrics.jsonl", "a")  # noqa: SIM115  (closed in finally)
+    writer = SummaryWriter(str(s.run_dir / "tensorboard")) if main else None
+    metrics = open(s.run_dir / "metrics.jsonl", "a") if main else None  # noqa: SIM115
     train_x = torch.from_numpy(s.data.train.images).to(device)
     train_y = torch.from_numpy(s.data.train.labels).to(device)
     probe_layers = s.probes.layer_names if s.probes else []
@@ -195,26 +231,32 @@ def train(cfg: Config, stop_at_step: int | None = None) -> Path:
     perm, perm_epoch = None, -1
     loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     stopped_by_budget, last_saved, online_acc = False, step, {}
-    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not main)
     try:
         while step < s.total_steps:
             t0 = time.perf_counter()
             epoch, i = divmod(step, s.steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = epoch_permutation(len(train_x), cfg.seed, epoch).to(device), epoch
-            idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
+            idx = dist.shard_indices(perm, info.rank, info.world_size, s.per_rank, i)
             labels = train_y[idx]
-            gen = step_generator(device, cfg.seed, step)
+            gen = step_generator(device, cfg.seed, step, info.rank)
             views = s.views(train_x[idx], gen)  # (V, N, C, S, S) made on the device, in a batch
+            # the loss sees the global batch; a shared seed makes sampled negatives agree on all ranks
+            loss_gen = gen if not info.distributed else \
+                torch.Generator(device).manual_seed(dist.shared_generator_seed(cfg.seed, step))
             lr = lr_at(step, s.total_steps, warmup, peak_lr, cfg.optim.final_lr_frac)
             set_lr(s.optimizer, lr)
 
             with autocast(device, s.amp_dtype):
                 out = s.model(views, probe_layers)
-                loss = method.loss(out, labels, cfg.method, gen)
+                loss = dist.global_loss(method.loss, out, labels, cfg.method, loss_gen)
                 probe_loss = s.probes.loss(out["features"], labels.repeat(views.shape[0])) \
                     if s.probes else 0.0
             (loss + probe_loss).backward()
+            if info.distributed:
+                dist.all_reduce_grads([*s.model.parameters(), *(s.probes.parameters() if s.probes else [])])
             if cfg.train.on_nan == "skip" and not _finite_update(loss, s.optimizer):
                 tqdm.write(f"step {step}: non-finite loss or gradient, update skipped "
                            "(train.on_nan=skip)")
@@ -232,7 +274,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> Path:
             bar.update(1)
 
             at_epoch_end = step % s.steps_per_epoch == 0
-            over_budget = cfg.train.budget_s is not None and train_time >= cfg.train.budget_s
+            over_budget = dist.any_rank(cfg.train.budget_s is not None
+                                        and train_time >= cfg.train.budget_s)
             if step % cfg.train.log_every_steps == 0 or at_epoch_end or over_budget:
                 mean_loss = loss_sum.item() / window_steps
                 if not np.isfinite(mean_loss) and cfg.train.on_nan == "stop":
@@ -240,33 +283,43 @@ def train(cfg: Config, stop_at_step: int | None = None) -> Path:
                 elapsed = time.perf_counter() - window_start
                 online_acc = s.probes.pop_accuracy() if s.probes else {}
                 record = {"step": step, "epoch": step / s.steps_per_epoch, "loss": mean_loss,
-                          "lr": lr, "views_per_s": window_steps * views.shape[0] * views.shape[1]
+                          "lr": lr, "views_per_s": window_steps * views.shape[0] * s.batch_size
                           / elapsed, **{f"online/{k}": v for k, v in online_acc.items()},
                           **collapse_monitors(out["z"])}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                for key, value in record.items():
-                    if key != "step":
-                        writer.add_scalar(key, value, step)
+                if main:  # rank 0 writes; the others' online accuracies are of their shards only
+                    _log(metrics, writer, record)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", views_s=f"{record['views_per_s']:.0f}")
                 loss_sum.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if stop_at_step is not None and step >= stop_at_step:
                 return s.run_dir
             if step % cfg.train.ckpt_every_steps == 0 or at_epoch_end or over_budget:
-                save(s, step, train_time)
+                if main:
+                    save(s, step, train_time)
                 last_saved = step
             if over_budget:
                 stopped_by_budget = True
                 tqdm.write(f"train.budget_s={cfg.train.budget_s} reached at step {step}")
                 break
-        if last_saved != step:
+        if last_saved != step and main:
             save(s, step, train_time)
     finally:
         bar.close()
-        metrics.close()
-        writer.close()
+        if main:
+            metrics.close()
+            writer.close()
+    dist.barrier()
+    if not main:  # evaluation and summary are rank 0's
+        return s.run_dir
     return finish(s, step, train_time, stopped_by_budget, online_acc, wall_start)
+
+
+def _log(metrics, writer: SummaryWriter, record: dict) -> None:
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    for key, value in record.items():
+        if key != "step":
+            writer.add_scalar(key, value, global_step=record["step"])
 
 
 def _finite_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import tiny_run_overrides
 from safetensors.torch import load_file
 
-from conftest import tiny_run_overrides
 from ssl_lab import checkpoint as ckpt_io
 
 

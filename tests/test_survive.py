@@ -1,0 +1,89 @@
+"""Surviving crashes: kill -9 at a random step, a kill during checkpoint writing, NaN losses."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_overrides
+from safetensors.torch import load_file
+
+from ssl_lab import checkpoint as ckpt_io
+from ssl_lab.cli import main
+from ssl_lab.config import load_config
+from ssl_lab.errors import UserError
+from ssl_lab.train import train
+
+EXTRA = {"eval.enabled": False, "train.ckpt_every_steps": 1, "train.epochs": 3,
+         "train.threads": 1}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
+
+
+def _last_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().split("-")[1]) if latest.is_file() else 0
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+    straight = train(load_config(None, tiny_run_overrides(tmp_path / "a", **EXTRA)))
+    args = tiny_run_overrides(tmp_path / "b", **EXTRA)
+    cmd = [sys.executable, "-m", "ssl_lab", "train", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    rng = random.Random(int(time.time()))  # a different kill point every run of the suite
+    target = rng.randint(1, 8)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _last_step(tmp_path / "b") < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: mid-step or mid-save
+    proc.wait()
+    assert main(["train", *args, "resume=true"]) == 0
+    a, b = _weights(straight), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"resume after kill at step ~{target} differs"
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **EXTRA)))
+    root = run / "checkpoints"
+    newest = sorted(root.glob("step-*"))[-1]
+    with open(newest / ckpt_io.WEIGHTS, "r+b") as handle:  # a torn write: half the file
+        handle.truncate(handle.seek(0, 2) // 2)
+    (root / ".tmp-step-9999999-1").mkdir()  # a directory left by a kill during save
+    with pytest.warns(UserWarning, match="damaged"):
+        found = ckpt_io.find_checkpoint(run)
+    assert found is not None and found != newest and ckpt_io.verify(found)
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    from ssl_lab import methods
+
+    real = methods.METHODS["simclr"]
+    calls = {"n": 0, "bad": lambda n: n >= 4}
+
+    def poisoned(out, labels, mc, gen):
+        calls["n"] += 1
+        loss = real.loss(out, labels, mc, gen)
+        return loss * float("nan") if calls["bad"](calls["n"]) else loss
+
+    monkeypatch.setitem(methods.METHODS, "simclr", methods.Method(poisoned))
+    cfg = load_config(None, tiny_run_overrides(tmp_path / "r", **EXTRA))
+    with pytest.raises(UserError, match=r"steps 3 and 4.*step-0000003"):
+        train(cfg)
+
+    # skip mode: one poisoned step is skipped, the run finishes with finite weights
+    calls.update(n=0, bad=lambda n: n == 5)
+    cfg = load_config(None, tiny_run_overrides(tmp_path / "s", **EXTRA, **{"train.on_nan": "skip"}))
+    run = train(cfg)
+    assert all(torch.isfinite(t).all() for t in _weights(run).values() if t.is_floating_point())
+    assert _last_step(run) == 12

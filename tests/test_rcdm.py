@@ -200,7 +200,7 @@ def test_bad_layer_and_key_are_user_errors(encoder_run, tmp_path):
     from ssl_lab.gen.rcdm_run import train_config, train_rcdm
 
     assert train_config(str(encoder_run), ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 str
-    with pytest.raises(UserError, match="unknown key 'unet.chanels'"):
+    with pytest.raises(UserError, match="unknown config key 'unet.chanels'"):
         train_config(str(encoder_run), ["unet.chanels=8"])
     with pytest.raises(UserError, match="not a layer"):
         train_rcdm(train_config(str(encoder_run), [f"run.dir={tmp_path / 'x'}", "layer=stage9"]))

@@ -131,8 +131,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
-    """Build a dataclass tree from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "", root: type | None = None
+              ) -> Any:
+    """Build a dataclass tree from a nested dict, rejecting unknown keys and wrong types.
+    `root` is the top-level config class (for suggestions); it defaults to `cls`."""
+    root = root or cls
     if not isinstance(data, dict):
         raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -141,10 +144,10 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise UserError(_unknown_key_message(dotted, cls, prefix))
+            raise UserError(_unknown_key_message(dotted, root))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(value, hint, f"{dotted}.")
+            kwargs[key] = from_dict(value, hint, f"{dotted}.", root)
         else:
             kwargs[key] = _coerce(value, hint, dotted)
     return cls(**kwargs)
@@ -161,8 +164,8 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(dotted: str, cls: type, prefix: str) -> str:
-    close = difflib.get_close_matches(dotted, all_keys(Config), n=1)
+def _unknown_key_message(dotted: str, root: type) -> str:
+    close = difflib.get_close_matches(dotted, all_keys(root), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "; see the config table in README.md"
     return f"unknown config key '{dotted}'{hint}"
 

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
-from ssl_lab import dist
+from ssl_lab import dist, runtime
 from ssl_lab.config import Config, save_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
@@ -27,27 +27,14 @@ from ssl_lab.eval.metrics import rankme
 from ssl_lab.eval.online import OnlineProbes
 from ssl_lab.methods import Encoder, SSLModel, byol_momentum, get_method
 from ssl_lab.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from ssl_lab.runtime import autocast, env_info, pick_device, resolve_precision, utc_stamp
+from ssl_lab.runtime import autocast, env_info, pick_device, resolve_precision
 
 # ----------------------------------------------------------------------------- run directory
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """A new directory per run; an existing one only with resume=true (never overwrite work).
-    Only checks: the directory is created once the data has loaded, so a bad input leaves none."""
-    if cfg.run.dir:
-        run_dir = Path(cfg.run.dir)
-    elif cfg.resume:
-        raise UserError("resume=true needs run.dir=<the run directory to continue>")
-    else:
-        run_dir = Path("runs") / f"{cfg.method.name}-{cfg.data.name.split(':')[0]}-{utc_stamp()}"
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise UserError(f"run directory {run_dir} already exists; pass resume=true to continue "
-                        "it or choose another run.dir")
-    if cfg.resume and not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume=true but {run_dir} holds no run (no config.yaml); start it "
-                        "without resume")
-    return run_dir
+    return runtime.prepare_run_dir(cfg.run.dir, cfg.resume,
+                                   f"{cfg.method.name}-{cfg.data.name.split(':')[0]}")
 
 
 def encoder_spec(cfg: Config, data: DatasetSplits, size: int, mean, std, num_classes: int) -> dict:

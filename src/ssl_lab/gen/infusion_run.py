@@ -10,8 +10,6 @@ have seen. The model and estimators are in `infusion.py`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,11 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
-from ssl_lab.config import all_keys, from_dict, parse_override, read_yaml, set_dotted, to_dict
+from ssl_lab import runtime
+from ssl_lab.config import from_dict, parse_override, read_yaml, set_dotted, to_dict
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
-from ssl_lab.runtime import env_info, pick_device, utc_stamp
+from ssl_lab.runtime import env_info, pick_device
 
 # ----------------------------------------------------------------------------- config
 
@@ -102,21 +101,6 @@ class InfusionConfig:
     score: ScoreSection = field(default_factory=ScoreSection)
 
 
-def _check_keys(tree: dict[str, Any], cls: type, prefix: str = "") -> None:
-    """Unknown keys, with a suggestion from *this* config (config.from_dict would suggest keys
-    of the SSL config)."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in tree.items():
-        if key not in names:
-            close = difflib.get_close_matches(f"{prefix}{key}", all_keys(InfusionConfig), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see docs/infusion.md"
-            raise UserError(f"unknown infusion config key '{prefix}{key}'{hint}")
-        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING \
-            else None
-        if sub is not None and isinstance(value, dict):
-            _check_keys(value, sub, f"{prefix}{key}.")
-
-
 def _list_of_floats(value: Any, key: str) -> list | None:
     if value is None:
         return None
@@ -128,7 +112,6 @@ def _list_of_floats(value: Any, key: str) -> list | None:
 
 
 def config_from_tree(tree: dict[str, Any]) -> InfusionConfig:
-    _check_keys(tree, InfusionConfig)
     score = tree.get("score", {})  # list-valued keys: from_dict only knows scalar leaves
     lists = {k: score.pop(k) for k in ("sigmas", "bound_stds") if k in score} \
         if isinstance(score, dict) else {}
@@ -190,20 +173,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def prepare_run_dir(cfg: InfusionConfig) -> Path:
-    """A new directory per run; an existing one only with resume=true (never overwrite work)."""
-    if cfg.run.dir:
-        run_dir = Path(cfg.run.dir)
-    elif cfg.resume:
-        raise UserError("resume=true needs run.dir=<the run directory to continue>")
-    else:
-        run_dir = Path("runs") / f"infusion-{cfg.data.name.split(':')[0]}-{utc_stamp()}"
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise UserError(f"run directory {run_dir} already exists; pass resume=true to continue "
-                        "it or choose another run.dir")
-    if cfg.resume and not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume=true but {run_dir} holds no run (no config.yaml); start it "
-                        "without resume")
-    return run_dir
+    return runtime.prepare_run_dir(cfg.run.dir, cfg.resume, f"infusion-{cfg.data.name.split(':')[0]}")
 
 
 def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:

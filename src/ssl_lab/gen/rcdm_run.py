@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import json
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +22,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
-from ssl_lab.config import RunConfig, all_keys, from_dict, parse_override, read_yaml, set_dotted
+from ssl_lab import runtime
+from ssl_lab.config import RunConfig, from_dict, parse_override, read_yaml, set_dotted
 from ssl_lab.config import load_config as load_encoder_config
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import encoder_from_spec, extract_features, load_encoder, read_spec
 from ssl_lab.gen import rcdm
 from ssl_lab.methods import Encoder
 from ssl_lab.optim import lr_at, set_lr
-from ssl_lab.runtime import env_info, pick_device, resolve_precision, utc_stamp
+from ssl_lab.runtime import env_info, pick_device, resolve_precision
 from ssl_lab.train import epoch_permutation, step_generator
 
 FEATURE_BATCH = 512
@@ -105,33 +104,12 @@ class RCDMConfig:
 
 
 def parse_typed(cls: type, tree: dict[str, Any], overrides: list[str]) -> Any:
-    """`key=value` overrides onto `tree`, checked against `cls`'s keys (suggesting the closest)."""
-    valid = all_keys(cls)
+    """`key=value` overrides onto `tree`, then typed and checked against `cls` (config.from_dict:
+    unknown keys get the closest valid one suggested; YAML's `1e-3` is read as a float)."""
     tree = copy.deepcopy(tree)
     for text in overrides:
-        key, value = parse_override(text)
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-            raise UserError(f"unknown key '{key}'; {hint}")
-        if isinstance(value, str) and _takes_float(cls, key):
-            value = _as_float(value)
-        set_dotted(tree, key, value)
+        set_dotted(tree, *parse_override(text))
     return from_dict(tree, cls)
-
-
-def _takes_float(cls: type, key: str) -> bool:
-    for part in key.split("."):
-        cls = typing.get_type_hints(cls)[part]
-    return float in (typing.get_args(cls) or (cls,))
-
-
-def _as_float(value: str) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; a float key should take it as a number."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 def validate(cfg: RCDMConfig) -> None:
@@ -267,17 +245,10 @@ def load_run(run_dir: Path) -> Built:
 
 
 def prepare_run_dir(cfg: RCDMConfig) -> Path:
-    if cfg.run.dir:
-        run_dir = Path(cfg.run.dir)
-    elif cfg.resume:
-        raise UserError("resume=true needs run.dir=<the RCDM run directory to continue>")
-    else:
-        tag = "random" if cfg.random_init else cfg.layer
-        run_dir = Path("runs") / f"rcdm-{tag}-{utc_stamp()}"
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise UserError(f"run directory {run_dir} already exists; pass resume=true to continue it "
-                        "or choose another run.dir")
-    return run_dir
+    tag = "random" if cfg.random_init else cfg.layer
+    if cfg.resume and cfg.run.dir and not Path(cfg.run.dir, "config.yaml").is_file():
+        return Path(cfg.run.dir)  # resume=true on a run not started yet starts it (see docs)
+    return runtime.prepare_run_dir(cfg.run.dir, cfg.resume, f"rcdm-{tag}")
 
 
 def train_config(encoder_run: str, overrides: list[str]) -> RCDMConfig:

@@ -9,24 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from ssl_lab.config import split_config_args
 from ssl_lab.errors import UserError
-
-
-def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]`: the first argument without '=' is the config file."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    stray = [a for a in args if "=" not in a]
-    if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': give the YAML file first, then key=value")
-    return None, args
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
     from ssl_lab.config import load_config
     from ssl_lab.train import train
 
-    path, overrides = _split_config_args(ns.args)
+    path, overrides = split_config_args(ns.args)
     train(load_config(path, overrides))
 
 
@@ -47,7 +38,7 @@ def cmd_views(ns: argparse.Namespace) -> None:
     from ssl_lab.data.views import ViewGenerator, save_view_grid
     from ssl_lab.train import load_training_data
 
-    path, overrides = _split_config_args(ns.args)
+    path, overrides = split_config_args(ns.args)
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
     images = torch.from_numpy(data.train.images[: ns.n])

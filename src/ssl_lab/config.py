@@ -225,6 +225,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]`: the first argument without '=' is the config file."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    stray = [a for a in args if "=" not in a]
+    if stray:
+        raise UserError(f"unexpected argument '{stray[0]}': give the YAML file first, then "
+                        "key=value (quote a list that contains spaces: 'key=[a, b]')")
+    return None, args
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")

@@ -34,7 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import Config, from_dict, parse_override, read_yaml, set_dotted, validate
+from ssl_lab.config import (
+    Config,
+    from_dict,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    split_config_args,
+    validate,
+)
 from ssl_lab.errors import UserError
 
 SWEEP_FILE = "sweep.json"
@@ -506,17 +514,6 @@ def _plot(rows: list[dict], key: str, order: list, columns: list[str], others: l
 # ----------------------------------------------------------------------------- command line
 
 
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]`: the first argument without '=' is the config file."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    stray = [a for a in args if "=" not in a]
-    if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': give the YAML file first, then "
-                        "key=value (quote a list that contains spaces: 'key=[a, b]')")
-    return None, args
-
-
 def cmd_sweep(ns: argparse.Namespace) -> None:
     from ssl_lab.runtime import utc_stamp
 
@@ -526,7 +523,7 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
         assemble(ns.out)
         print(f"sweep: {Path(ns.out) / 'sweep.md'}")
         return
-    config_path, overrides = _split_args(ns.args)
+    config_path, overrides = split_config_args(ns.args)
     out = Path(ns.out) if ns.out else Path("sweeps") / utc_stamp()
     run_sweep(out, config_path, overrides)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import runtime
-from ssl_lab.config import from_dict, parse_override, read_yaml, set_dotted, to_dict
+from ssl_lab.config import from_dict, parse_override, read_yaml, set_dotted, split_config_args, to_dict
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
@@ -508,16 +508,6 @@ def score_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
 # ----------------------------------------------------------------------------- CLI
 
 
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    stray = [a for a in args if "=" not in a]
-    if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': give the YAML file first, "
-                        "then key=value")
-    return None, args
-
-
 def _run_dir(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -527,7 +517,7 @@ def _run_dir(text: str) -> Path:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
-    path, overrides = _split_args(ns.args)
+    path, overrides = split_config_args(ns.args)
     run_dir = train_infusion(load_infusion_config(path, overrides))
     print(f"run: {run_dir}")
 

@@ -105,3 +105,23 @@ def test_existing_run_dir_needs_resume(tmp_path, capsys):
     assert main(["train", *tiny_run_overrides(run)]) == 2
     assert "resume=true" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["something"]  # nothing half-written
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "multiview_barlow"])
+def test_multi_crop_adds_small_views_to_the_loss(tmp_path, method):
+    from ssl_lab.train import build, step_generator
+
+    over = tiny_run_overrides(tmp_path / "r", **{"method.name": method, "views.small_n": 2,
+                                                 "views.small_size": 8, "eval.enabled": False})
+    cfg = load_config(None, over)
+    s = build(cfg)
+    x = torch.from_numpy(s.data.train.images[:16])
+    gen = step_generator(s.device, 0, 0)
+    views, small = s.views(x, gen), s.small_views(x, gen)
+    assert views.shape[0] == 2 and small.shape[:2] == (2, 16) and small.shape[-1] == 8
+    out = s.model(views, ["backbone"], small)
+    assert out["z"].shape[:2] == (4, 16) and out["features"]["backbone"].shape[0] == 2 * 16
+    if method == "byol":
+        assert out["p"].shape == out["z_target"].shape == out["z"].shape
+    run = train(load_config(None, [*over, f"run.dir={tmp_path / 'r2'}"]), stop_at_step=2)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

@@ -42,6 +42,9 @@ class ViewsConfig:
     n: int = 2
     size: int = 0  # 0 = the dataset's own image size
     noise_std: float = 0.1
+    small_n: int = 0  # multi-crop: extra small views per image (SwAV-style), 0 = off
+    small_size: int = 0  # their size in pixels (0 = half the view size, at least 8)
+    small_scale: float = 0.4  # their crops cover (0.05, small_scale) of the image
 
 
 @dataclass
@@ -301,12 +304,15 @@ def validate(cfg: Config) -> None:
         if not flat[key] > 0:
             raise UserError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     non_negative = ["optim.weight_decay", "optim.warmup_epochs", "views.noise_std", "views.size",
+                    "views.small_n", "views.small_size",
                     "method.lambd", "method.beta"]
     for key in non_negative:
         if flat[key] < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
     if cfg.views.n < 2:
         raise UserError(f"views.n must be >= 2 (joint-embedding SSL compares views), got {cfg.views.n}")
+    if not 0.05 < cfg.views.small_scale <= 1:
+        raise UserError(f"views.small_scale must be in (0.05, 1], got {cfg.views.small_scale}")
     if not 0 < cfg.data.fraction <= 1:
         raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
     if not 0 <= cfg.data.val_fraction < 1:

@@ -141,19 +141,28 @@ class SSLModel(nn.Module):
         self.classifier = nn.Linear(encoder.out_dim, num_classes) if method.classifier else None
         self.target = copy.deepcopy(encoder).requires_grad_(False) if method.target else None
 
-    def forward(self, views: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        n_views, batch = views.shape[:2]
-        flat = views.flatten(0, 1)
+    def forward(self, views: torch.Tensor, layers: Sequence[str],
+                small: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`views` (V, N, C, S, S) → z (V, N, D) and the requested layers' features of `views`;
+        multi-crop `small` views (k, N, C, s, s) get their own backbone pass (one per size) and
+        are appended to z, p, logits and z_target as views V … V+k−1."""
+        batch = views.shape[1]
         z_name = self.encoder.layer_names[-1]
+        flat = views.flatten(0, 1)
         feats = self.encoder.features(flat, list(dict.fromkeys([*layers, z_name])))
-        out = {"features": feats, "z": feats[z_name].unflatten(0, (n_views, batch))}
+        z = feats[z_name]
+        if small is not None:
+            small = small.flatten(0, 1)
+            z = torch.cat([z, self.encoder(small)])
+        out = {"features": feats, "z": z.unflatten(0, (-1, batch))}
         if self.predictor is not None:
-            out["p"] = self.predictor(feats[z_name]).unflatten(0, (n_views, batch))
+            out["p"] = self.predictor(z).unflatten(0, (-1, batch))
         if self.classifier is not None:
-            out["logits"] = self.classifier(feats[z_name]).unflatten(0, (n_views, batch))
+            out["logits"] = self.classifier(z).unflatten(0, (-1, batch))
         if self.target is not None:
             with torch.no_grad():
-                out["z_target"] = self.target(flat).unflatten(0, (n_views, batch))
+                targets = [self.target(flat)] + ([self.target(small)] if small is not None else [])
+                out["z_target"] = torch.cat(targets).unflatten(0, (-1, batch))
         return out
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     probe_optimizer: torch.optim.Optimizer | None
     views: ViewGenerator
+    small_views: ViewGenerator | None  # multi-crop
     batch_size: int  # global batch (all ranks): lr scaling and steps per epoch use it
     steps_per_epoch: int
     total_steps: int
@@ -108,6 +109,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     data = load_training_data(cfg)
     size = cfg.views.size or data.image_size
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std)
+    small_views = _small_view_generator(cfg, size)
     num_classes = data.num_classes[0]
     mean, std = channel_stats(data.train.images)
 
@@ -133,8 +135,19 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
             encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
     dist.barrier()
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,
-                 views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs, info,
+                 views, small_views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs, info,
                  per_rank)
+
+
+def _small_view_generator(cfg: Config, size: int) -> ViewGenerator | None:
+    """Multi-crop: k extra views at a smaller size from small crops (SwAV's 2 + k scheme)."""
+    if not cfg.views.small_n:
+        return None
+    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
+    if recipe.crop_scale is not None:
+        recipe = replace(recipe, crop_scale=(0.05, cfg.views.small_scale))
+    small_size = cfg.views.small_size or max(8, size // 2)
+    return ViewGenerator(recipe, small_size, cfg.views.small_n, noise_std=cfg.views.noise_std)
 
 
 def _agreed_run_dir(cfg: Config, info: dist.DistInfo) -> Path:
@@ -230,6 +243,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
             labels = train_y[idx]
             gen = step_generator(device, cfg.seed, step, info.rank)
             views = s.views(train_x[idx], gen)  # (V, N, C, S, S) made on the device, in a batch
+            small = s.small_views(train_x[idx], gen) if s.small_views else None
             # the loss sees the global batch; a shared seed makes sampled negatives agree on all ranks
             loss_gen = gen if not info.distributed else \
                 torch.Generator(device).manual_seed(dist.shared_generator_seed(cfg.seed, step))
@@ -237,7 +251,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
             set_lr(s.optimizer, lr)
 
             with autocast(device, s.amp_dtype):
-                out = s.model(views, probe_layers)
+                out = s.model(views, probe_layers, small)
                 loss = dist.global_loss(method.loss, out, labels, cfg.method, loss_gen)
                 probe_loss = s.probes.loss(out["features"], labels.repeat(views.shape[0])) \
                     if s.probes else 0.0
@@ -270,7 +284,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
                 elapsed = time.perf_counter() - window_start
                 online_acc = s.probes.pop_accuracy() if s.probes else {}
                 record = {"step": step, "epoch": step / s.steps_per_epoch, "loss": mean_loss,
-                          "lr": lr, "views_per_s": window_steps * views.shape[0] * s.batch_size
+                          "lr": lr, "views_per_s": window_steps * out["z"].shape[0] * s.batch_size
                           / elapsed, **{f"online/{k}": v for k, v in online_acc.items()},
                           **collapse_monitors(out["z"])}
                 if main:  # rank 0 writes; the others' online accuracies are of their shards only
@@ -332,7 +346,8 @@ def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,
     summary = {"method": s.cfg.method.name, "dataset": s.cfg.data.name, "run_name": s.cfg.run.name,
                "epochs": step / s.steps_per_epoch, "steps": step, "stopped_by_budget":
                stopped_by_budget, "train_s": train_time,
-               "views_per_s": step * s.batch_size * s.cfg.views.n / max(train_time, 1e-9),
+               "views_per_s": step * s.batch_size * (s.cfg.views.n + s.cfg.views.small_n)
+               / max(train_time, 1e-9),
                "online_probes": online_acc}
     if s.cfg.eval.enabled:
         report = evaluate_run(s.run_dir)

@@ -87,3 +87,12 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
     run = train(cfg)
     assert all(torch.isfinite(t).all() for t in _weights(run).values() if t.is_floating_point())
     assert _last_step(run) == 12
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    args = tiny_run_overrides(tmp_path / "r", **EXTRA | {"train.epochs": 1})
+    assert main(["train", *args]) == 0
+    capsys.readouterr()
+    assert main(["train", *args, "resume=true", "model.width=0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not match" in err and "shape mismatch" in err, err

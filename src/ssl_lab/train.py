@@ -277,7 +277,9 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
             at_epoch_end = step % s.steps_per_epoch == 0
             over_budget = dist.any_rank(cfg.train.budget_s is not None
                                         and train_time >= cfg.train.budget_s)
-            if step % cfg.train.log_every_steps == 0 or at_epoch_end or over_budget:
+            ckpt_due = step % cfg.train.ckpt_every_steps == 0 or at_epoch_end or over_budget
+            # a checkpoint is always preceded by a log, whose NaN check keeps bad weights off disk
+            if step % cfg.train.log_every_steps == 0 or ckpt_due:
                 mean_loss = loss_sum.item() / window_steps
                 if not np.isfinite(mean_loss) and cfg.train.on_nan == "stop":
                     raise UserError(_nan_message(step, window_steps, s.run_dir))
@@ -294,7 +296,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
                 window_steps, window_start = 0, time.perf_counter()
             if stop_at_step is not None and step >= stop_at_step:
                 return s.run_dir
-            if step % cfg.train.ckpt_every_steps == 0 or at_epoch_end or over_budget:
+            if ckpt_due:
                 if main:
                     save(s, step, train_time)
                 last_saved = step
@@ -334,8 +336,8 @@ def _finite_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool
 def _nan_message(step: int, window: int, run_dir: Path) -> str:
     found = ckpt_io.find_checkpoint(run_dir)
     last = f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
-    return (f"loss became NaN/inf between steps {step - window + 1} and {step}; {last}; lower "
-            "optim.lr or use train.on_nan=skip")
+    where = f"at step {step}" if window == 1 else f"between steps {step - window + 1} and {step}"
+    return f"loss became NaN/inf {where}; {last}; lower optim.lr or use train.on_nan=skip"
 
 
 def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,

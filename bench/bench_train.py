@@ -21,7 +21,7 @@ import torch
 from ssl_lab.config import load_config
 from ssl_lab.methods import get_method
 from ssl_lab.runtime import autocast
-from ssl_lab.train import build, step_generator, train
+from ssl_lab.train import build, load_training_data, step_generator, train
 
 
 def model_only(cfg, steps: int, warmup: int = 5) -> float:
@@ -53,7 +53,8 @@ def full_loop(cfg, steps: int) -> float:
     """views/s the training loop reports over its whole run (data, views, probes, logging)."""
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return sum(r["views_per_s"] for r in rows[1:]) / max(len(rows) - 1, 1)  # skip warm-up window
+    rows = rows[1:] or rows  # skip the warm-up window when there is more than one
+    return sum(r["views_per_s"] for r in rows) / len(rows)
 
 
 def main() -> None:
@@ -80,14 +81,9 @@ def main() -> None:
 
 
 def full_loop_steps(cfg, steps: int) -> float:
-    """Run the real loop on a training subset sized to `steps` steps (one epoch)."""
-    n_train = steps * cfg.optim.batch_size
-    cfg.data.fraction = 1.0
-    s_probe = build(cfg)  # to learn the train size; its run dir is reused below
-    frac = min(1.0, n_train / len(s_probe.data.train.images))
-    cfg.data.fraction = frac
-    cfg.resume = True  # the directory now exists (build wrote encoder.json) but holds no checkpoint
-    (s_probe.run_dir / "config.yaml").write_text("{}")
+    """Run the real loop for one epoch of a training subset sized to `steps` steps."""
+    n_train = len(load_training_data(cfg).train.images)
+    cfg.data.fraction = min(1.0, steps * cfg.optim.batch_size / n_train)
     return full_loop(cfg, steps)
 
 

@@ -188,14 +188,15 @@ def _dataset_tag(cfg: Config) -> str:
 def _write_report(report: dict, run_dir: Path, cfg: Config) -> None:
     from ssl_lab.plots import plot_layer_probes
 
+    train_cfg = load_config(run_dir / "config.yaml")
+    same_data = _dataset_tag(train_cfg) == _dataset_tag(cfg)
+    plot = run_dir / "plots" / ("probes.png" if same_data else f"probes-{_dataset_tag(cfg)}.png")
+    report["plot"] = str(plot)
     text = json.dumps(report, indent=1)
     (run_dir / "evals").mkdir(exist_ok=True)
     (run_dir / "evals" / f"{_dataset_tag(cfg)}.json").write_text(text)
     (run_dir / "eval.json").write_text(text)
-    train_cfg = load_config(run_dir / "config.yaml")
-    same_data = _dataset_tag(train_cfg) == _dataset_tag(cfg)
-    name = "probes.png" if same_data else f"probes-{_dataset_tag(cfg)}.png"
-    plot_layer_probes(report, run_dir / "plots" / name)
+    plot_layer_probes(report, plot)
 
 
 def print_layer_table(report: dict, run_dir: Path) -> None:
@@ -211,5 +212,5 @@ def print_layer_table(report: dict, run_dir: Path) -> None:
     if "pixels" in report:
         lines.append(f"{'pixels':<10} {100 * report['pixels']['linear_test']:7.2f}% "
                      f"{100 * report['pixels']['knn_test']:7.2f}%")
-    lines.append(f"plot: {run_dir / 'plots' / 'probes.png'}   eval: {run_dir / 'eval.json'}")
+    lines.append(f"plot: {report['plot']}   eval: {run_dir / 'eval.json'}")
     print("\n".join(lines))

@@ -19,13 +19,15 @@ from ssl_lab.train import train
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
-def run_all(out: Path, overrides: list[str]) -> list[tuple[str, dict]]:
+def run_all(out: Path, overrides: list[str], run: bool = True) -> list[tuple[str, dict]]:
     results = []
     for path in CONFIGS:
         if path.stem == "default":
             continue
         run_dir = out / path.stem
         if not (run_dir / "summary.json").is_file():
+            if not run:
+                continue
             resume = ["resume=true"] if (run_dir / "config.yaml").is_file() else []
             train(load_config(path, [f"run.dir={run_dir}", *overrides, *resume]))
         results.append((path.stem, json.loads((run_dir / "summary.json").read_text())))
@@ -48,9 +50,10 @@ def table(results: list[tuple[str, dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
+    parser.add_argument("--no-run", action="store_true", help="only tabulate finished runs")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    text = table(run_all(args.out, args.overrides))
+    text = table(run_all(args.out, args.overrides, run=not args.no_run))
     (args.out / "methods.md").write_text(text + "\n")
     print(text)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ssl_lab.config import split_config_args
 from ssl_lab.errors import UserError
@@ -23,10 +22,9 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 def cmd_eval(ns: argparse.Namespace) -> None:
     from ssl_lab.eval.run import evaluate_run, print_layer_table
+    from ssl_lab.runtime import existing_run_dir
 
-    run_dir = Path(ns.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass one made by `ssl-lab train`")
+    run_dir = existing_run_dir(ns.run_dir, "ssl-lab train")
     report = evaluate_run(run_dir, ns.overrides)
     print_layer_table(report, run_dir)
 

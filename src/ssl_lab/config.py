@@ -293,7 +293,7 @@ _CHOICES = {
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; names of methods/backbones/recipes/data are
     checked where they are looked up, against the registries that define them."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
@@ -328,11 +328,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

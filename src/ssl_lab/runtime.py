@@ -71,6 +71,14 @@ def prepare_run_dir(run_dir: str | None, resume: bool, default_name: str) -> Pat
     return path
 
 
+def existing_run_dir(text: str, made_by: str) -> Path:
+    """A run directory argument that must exist (`made_by`: the command that creates one)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise UserError(f"run directory {path} does not exist; pass one made by `{made_by}`")
+    return path
+
+
 def utc_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from ssl_lab.config import (
     Config,
+    flatten,
     from_dict,
     parse_override,
     read_yaml,
@@ -287,7 +288,7 @@ def sweep_points(sweep_dir: Path) -> tuple[dict[str, list[Any]], list[tuple[str,
     if not runs:
         raise UserError(f"{sweep_dir} holds neither {SWEEP_FILE} nor run directories; pass a "
                         "directory made by `ssl-lab sweep`")
-    flat = {run.name: _flatten(read_yaml(run / "config.yaml")) for run in runs}
+    flat = {run.name: flatten(read_yaml(run / "config.yaml")) for run in runs}
     keys = sorted({k for f in flat.values() for k in f})
     axes = {}
     for key in keys:
@@ -297,16 +298,6 @@ def sweep_points(sweep_dir: Path) -> tuple[dict[str, list[Any]], list[tuple[str,
         if len(values) > 1:
             axes[key] = sorted(values, key=_sort_key)
     return axes, [(name, {k: flat[name].get(k) for k in axes}) for name in flat]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _unique(values: list[Any]) -> list[Any]:

@@ -173,7 +173,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def prepare_run_dir(cfg: InfusionConfig) -> Path:
-    return runtime.prepare_run_dir(cfg.run.dir, cfg.resume, f"infusion-{cfg.data.name.split(':')[0]}")
+    name = f"infusion-{cfg.data.name.split(':')[0]}"
+    return runtime.prepare_run_dir(cfg.run.dir, cfg.resume, name)
 
 
 def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -508,14 +509,6 @@ def score_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
 # ----------------------------------------------------------------------------- CLI
 
 
-def _run_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise UserError(f"run directory {path} does not exist; pass one made by "
-                        "`ssl-lab infusion train`")
-    return path
-
-
 def cmd_train(ns: argparse.Namespace) -> None:
     path, overrides = split_config_args(ns.args)
     run_dir = train_infusion(load_infusion_config(path, overrides))
@@ -523,14 +516,15 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
-    paths = sample_run(_run_dir(ns.run_dir), n=ns.n, chains=ns.chains, seed=ns.seed,
+    run_dir = runtime.existing_run_dir(ns.run_dir, "ssl-lab infusion train")
+    paths = sample_run(run_dir, n=ns.n, chains=ns.chains, seed=ns.seed,
                        out_dir=Path(ns.out) if ns.out else None)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
 
 def cmd_score(ns: argparse.Namespace) -> None:
-    report = score_run(_run_dir(ns.run_dir), ns.overrides)
+    report = score_run(runtime.existing_run_dir(ns.run_dir, "ssl-lab infusion train"), ns.overrides)
     chain, prior = report["chain"], report["prior"]
     print(f"Parzen LL (test, nats): chain {chain['parzen']['test_ll']:.1f} "
           f"(σ={chain['parzen']['sigma']}), prior {prior['parzen']['test_ll']:.1f}")

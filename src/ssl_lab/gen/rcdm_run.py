@@ -654,26 +654,19 @@ def format_score(report: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _run_dir_arg(path: str) -> Path:
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise UserError(f"RCDM run {path} does not exist; pass a directory made by "
-                        "`ssl-lab rcdm train`")
-    return run_dir
-
-
 def cmd_train(ns: argparse.Namespace) -> None:
     train_rcdm(train_config(ns.encoder_run, ns.overrides))
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
-    paths = sample_command(_run_dir_arg(ns.run_dir), parse_typed(SampleArgs, {}, ns.overrides))
+    run_dir = runtime.existing_run_dir(ns.run_dir, "ssl-lab rcdm train")
+    paths = sample_command(run_dir, parse_typed(SampleArgs, {}, ns.overrides))
     for name, path in paths.items():
         print(f"{name}: {path}")
 
 
 def cmd_score(ns: argparse.Namespace) -> None:
-    run_dir = _run_dir_arg(ns.run_dir)
+    run_dir = runtime.existing_run_dir(ns.run_dir, "ssl-lab rcdm train")
     report = score_command(run_dir, parse_typed(ScoreArgs, {}, ns.overrides))
     print(format_score(report))
     print(f"score: {run_dir / 'score.json'}")

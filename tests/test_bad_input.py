@@ -43,6 +43,7 @@ CASES = {
     "zero batch": (["train", "optim.batch_size=0"], "optim.batch_size"),
     "one view": (["train", "views.n=1"], "views.n"),
     "fraction > 1": (["train", "data.fraction=2"], "data.fraction"),
+    "eval fraction 0": (["train", "eval.train_fraction=0"], "eval.train_fraction"),
     "unknown optimizer": (["train", "optim.name=adam"], "optim.name"),
     "unknown method": (["train", "method.name=simsiam"], "method.name"),
     "unknown dataset": (["train", "data.name=mnist"], "mnist"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def test_cli_train_then_eval_on_another_dataset(tmp_path, stripes_npz, capsys):
         set(report["layers"]["backbone"])
     assert {"linear_val", "linear_test", "knn_test"} <= set(report["pixels"])
     assert any(p.name.startswith("probes-npz_") for p in (run / "plots").iterdir())
+
+    # eval.train_fraction: probes train on a seeded share of the train split
+    assert main(["eval", str(run), f"data.name=npz:{stripes_npz}", "eval.train_fraction=0.5"]) == 0
+    half = json.loads((run / "eval.json").read_text())
+    assert half["probe_train_size"] == math.ceil(report["probe_train_size"] / 2)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

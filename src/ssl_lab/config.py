@@ -116,6 +116,9 @@ class EvalConfig:
 class Config:
     seed: int = 0
     resume: bool = False
+    # probes train on this seeded (nested) share of the labelled train split; <1 for cheap
+    # study sweeps. val and test are never subsampled.
+    train_fraction: float = 1.0
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -323,6 +326,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.budget_s must be > 0 or null, got {cfg.train.budget_s}")
     neg = cfg.method.negatives
     if isinstance(neg, str) and neg != "all" or isinstance(neg, int) and neg < 1:
+    if not 0 < cfg.eval.train_fraction <= 1:
+        raise UserError(f"eval.train_fraction must be in (0, 1], got {cfg.eval.train_fraction}")
         raise UserError(f"method.negatives must be 'all' or an int >= 1, got {neg!r}")
     if not 0 <= cfg.method.momentum <= 1:
         raise UserError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")

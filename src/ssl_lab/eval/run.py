@@ -160,11 +160,14 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     device = pick_device()
     amp_dtype = resolve_precision(cfg.train.precision, device)
-    # Probes use the whole labelled training split: data.fraction limits SSL training only.
+    # Probes use the labelled training split (eval.train_fraction of it): data.fraction limits
+    # SSL training only.
     data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed).select_target(cfg.data.target)
+                        seed=cfg.seed, fraction=cfg.eval.train_fraction
+                        ).select_target(cfg.data.target)
     encoder = load_encoder(run_dir)
     report = {"dataset": cfg.data.name, "target": cfg.data.target,
+              "probe_train_size": len(data.train.images),
               "layers": evaluate_encoder(encoder, data, cfg, device, amp_dtype)}
     report["best_layer"] = max(report["layers"], key=lambda k: report["layers"][k]["linear_val"])
     if cfg.eval.baselines:

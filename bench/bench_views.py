@@ -157,13 +157,19 @@ def main() -> None:
             "threads": args.threads, "repeats": args.repeats, "results": rows,
             "target": target, "meets_target": meets,
             "torch": torch.__version__, "kornia": _version("kornia"),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]},
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        write_result(args.out, result, load_before)
+
+
+def write_result(path: Path, result: dict, load_before: float) -> None:
+    """`result` + the machine it ran on, as JSON (the 1-minute load average says whether other
+    work shared the cores)."""
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                         "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 def _version(module: str) -> str | None:

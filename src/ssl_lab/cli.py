@@ -46,6 +46,25 @@ def cmd_views(ns: argparse.Namespace) -> None:
     print(f"views: {save_view_grid(images, out, ns.out, n=ns.n)}")
 
 
+def cmd_data_pack(ns: argparse.Namespace) -> None:
+    from ssl_lab.data.pack import describe, pack, parse_options
+
+    dest, packed = pack(ns.source, ns.dest, parse_options(ns.options))
+    print(describe(dest) if packed else f"{dest} is already a complete store of {ns.source}; "
+          "nothing to do")
+
+
+def cmd_data_info(ns: argparse.Namespace) -> None:
+    from ssl_lab.data.pack import describe, verify
+
+    print(describe(ns.dest))
+    if ns.verify:
+        bad = verify(ns.dest)
+        if bad:
+            raise UserError(f"{ns.dest}: checksum mismatch in {', '.join(bad)}; pack it again")
+        print("checksums  ok")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="views.png")
     p.add_argument("--n", type=int, default=8, help="how many images (rows)")
     p.set_defaults(func=cmd_views)
+
+    p = sub.add_parser("data", help="packed datasets: pack a source into a memory-mapped store")
+    data = p.add_subparsers(dest="data_command", required=True)
+    q = data.add_parser("pack", help="any data.name source -> a packed store (docs/data.md)")
+    q.add_argument("source", help="a data.name: cifar10, imagefolder:PATH, npz:PATH, ...")
+    q.add_argument("dest", help="the store folder to create")
+    q.add_argument("options", nargs="*", help="resolution=R | max_side=M, fit=crop|pad, "
+                   "encoding=raw|jpeg, quality=90, root=DATA_ROOT, workers=2")
+    q.set_defaults(func=cmd_data_pack)
+    q = data.add_parser("info", help="describe a packed store")
+    q.add_argument("dest")
+    q.add_argument("--verify", action="store_true", help="re-compute every file's sha256")
+    q.set_defaults(func=cmd_data_info)
 
     from ssl_lab import export, importer, sweep
     from ssl_lab.gen import infusion_run, rcdm_run

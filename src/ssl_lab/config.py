@@ -34,6 +34,7 @@ class DataConfig:
     fraction: float = 1.0  # seeded subset of the training split
     target: str | None = None  # label column of multi-factor data (e.g. shapes: colour)
     val_fraction: float = 0.1
+    prefetch: int = 2  # packed stores: batches read ahead in a background thread (0 = inline)
 
 
 @dataclass
@@ -45,6 +46,12 @@ class ViewsConfig:
     small_n: int = 0  # multi-crop: extra small views per image (SwAV-style), 0 = off
     small_size: int = 0  # their size in pixels (0 = half the view size, at least 8)
     small_scale: float = 0.4  # their crops cover (0.05, small_scale) of the image
+    # progressive resolution (FFCV-SSL): views grow from min_size (0 = off) to the view size
+    # between epochs ramp_start and ramp_end (null = the last epoch), in multiples of size_step
+    min_size: int = 0
+    ramp_start: int = 0
+    ramp_end: int | None = None
+    size_step: int = 8
 
 
 @dataclass
@@ -109,6 +116,9 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     baselines: bool = True  # random-init encoder and raw-pixel probes (cached)
+    # probes train on this seeded (nested) share of the labelled train split; <1 for cheap
+    # study sweeps. val and test are never subsampled.
+    train_fraction: float = 1.0
     batch_size: int = 1024
 
 
@@ -116,9 +126,6 @@ class EvalConfig:
 class Config:
     seed: int = 0
     resume: bool = False
-    # probes train on this seeded (nested) share of the labelled train split; <1 for cheap
-    # study sweeps. val and test are never subsampled.
-    train_fraction: float = 1.0
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -302,13 +309,14 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
     positive = ["optim.lr", "optim.batch_size", "train.epochs", "views.n", "train.ckpt_every_steps",
                 "train.log_every_steps", "method.temperature", "probe.lr", "eval.batch_size",
-                "eval.knn_k", "eval.knn_temperature", "model.width", "method.beta_ref_dim"]
+                "eval.knn_k", "eval.knn_temperature", "model.width", "method.beta_ref_dim",
+                "views.size_step"]
     for key in positive:
         if not flat[key] > 0:
             raise UserError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     non_negative = ["optim.weight_decay", "optim.warmup_epochs", "views.noise_std", "views.size",
-                    "views.small_n", "views.small_size",
-                    "method.lambd", "method.beta"]
+                    "views.small_n", "views.small_size", "views.min_size", "views.ramp_start",
+                    "data.prefetch", "method.lambd", "method.beta"]
     for key in non_negative:
         if flat[key] < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
@@ -318,16 +326,19 @@ def validate(cfg: Config) -> None:
         raise UserError(f"views.small_scale must be in (0.05, 1], got {cfg.views.small_scale}")
     if not 0 < cfg.data.fraction <= 1:
         raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+    if not 0 < cfg.eval.train_fraction <= 1:
+        raise UserError(f"eval.train_fraction must be in (0, 1], got {cfg.eval.train_fraction}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.views.ramp_end is not None and cfg.views.ramp_end < cfg.views.ramp_start:
+        raise UserError(f"views.ramp_end ({cfg.views.ramp_end}) must be >= views.ramp_start "
+                        f"({cfg.views.ramp_start}) or null")
     if cfg.model.last_width is not None and cfg.model.last_width <= 0:
         raise UserError(f"model.last_width must be a positive int or null, got {cfg.model.last_width}")
     if cfg.train.budget_s is not None and cfg.train.budget_s <= 0:
         raise UserError(f"train.budget_s must be > 0 or null, got {cfg.train.budget_s}")
     neg = cfg.method.negatives
     if isinstance(neg, str) and neg != "all" or isinstance(neg, int) and neg < 1:
-    if not 0 < cfg.eval.train_fraction <= 1:
-        raise UserError(f"eval.train_fraction must be in (0, 1], got {cfg.eval.train_fraction}")
         raise UserError(f"method.negatives must be 'all' or an int >= 1, got {neg!r}")
     if not 0 <= cfg.method.momentum <= 1:
         raise UserError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ from tqdm import tqdm
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import dist, runtime
 from ssl_lab.config import Config, save_config
+from ssl_lab.data.loader import BatchLoader, epoch_permutation  # noqa: F401 (rcdm_run imports it here)
+from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
 from ssl_lab.errors import UserError
@@ -65,10 +67,6 @@ def load_training_data(cfg: Config) -> DatasetSplits:
 # ----------------------------------------------------------------------------- determinism
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
     """The views of one step on one rank: a pure function of (seed, step, rank)."""
     return torch.Generator(device=device).manual_seed(dist.rank_generator_seed(seed, step, rank))
@@ -88,13 +86,28 @@ class Setup:
     probes: OnlineProbes | None
     optimizer: torch.optim.Optimizer
     probe_optimizer: torch.optim.Optimizer | None
-    views: ViewGenerator
+    views: ViewGenerator  # at the full view size
     small_views: ViewGenerator | None  # multi-crop
     batch_size: int  # global batch (all ranks): lr scaling and steps per epoch use it
     steps_per_epoch: int
     total_steps: int
     info: dist.DistInfo
     per_rank: int
+    resolution: ResolutionSchedule | None = None  # progressive resolution; None: always full
+    _views_by_size: dict[int, tuple[ViewGenerator, ViewGenerator | None]] = field(
+        default_factory=dict)
+
+    def views_at(self, epoch: int) -> tuple[ViewGenerator, ViewGenerator | None]:
+        """The view generators of `epoch` (one pair per size: they keep per-size buffers)."""
+        size = self.resolution.size(epoch) if self.resolution else self.views.size
+        if size == self.views.size:
+            return self.views, self.small_views
+        if size not in self._views_by_size:
+            # the full size's recipe throughout: crop scales must not jump when the size crosses 64
+            self._views_by_size[size] = (
+                ViewGenerator(self.views.recipe, size, self.views.n_views),
+                _small_view_generator(self.cfg, size))
+        return self._views_by_size[size]
 
 
 def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
@@ -110,6 +123,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     size = cfg.views.size or data.image_size
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std)
     small_views = _small_view_generator(cfg, size)
+    resolution = _resolution_schedule(cfg, size)
     num_classes = data.num_classes[0]
     mean, std = channel_stats(data.train.images)
 
@@ -136,7 +150,17 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     dist.barrier()
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,
                  views, small_views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs, info,
-                 per_rank)
+                 per_rank, resolution)
+
+
+def _resolution_schedule(cfg: Config, size: int) -> ResolutionSchedule | None:
+    v = cfg.views
+    schedule = schedule_from_config(v.min_size, size, v.ramp_start, v.ramp_end, v.size_step,
+                                    cfg.train.epochs)
+    if schedule is not None and cfg.model.backbone.startswith("vit"):
+        raise UserError("views.min_size (progressive resolution) needs a ResNet backbone: a ViT's "
+                        "position embeddings are fixed to one image size; set views.min_size=0")
+    return schedule
 
 
 def _small_view_generator(cfg: Config, size: int) -> ViewGenerator | None:
@@ -223,12 +247,15 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
     method = get_method(cfg.method.name)
     writer = SummaryWriter(str(s.run_dir / "tensorboard")) if main else None
     metrics = open(s.run_dir / "metrics.jsonl", "a") if main else None  # noqa: SIM115
-    train_x = torch.from_numpy(s.data.train.images).to(device)
-    train_y = torch.from_numpy(s.data.train.labels).to(device)
+    loader = BatchLoader(s.data.train.images, s.data.train.labels, s.per_rank, cfg.seed,
+                         rank=info.rank, world_size=info.world_size, device=device,
+                         prefetch=cfg.data.prefetch)
+    batches = loader.batches(step, s.total_steps)
+    if s.resolution and main:
+        tqdm.write(f"progressive resolution: view size per epoch {s.resolution.sizes(cfg.train.epochs)}")
     probe_layers = s.probes.layer_names if s.probes else []
     warmup = round(cfg.optim.warmup_epochs * s.steps_per_epoch)
     peak_lr = scaled_lr(cfg.optim)
-    perm, perm_epoch = None, -1
     loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     stopped_by_budget, last_saved, online_acc = False, step, {}
     bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -236,14 +263,11 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
     try:
         while step < s.total_steps:
             t0 = time.perf_counter()
-            epoch, i = divmod(step, s.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(len(train_x), cfg.seed, epoch).to(device), epoch
-            idx = dist.shard_indices(perm, info.rank, info.world_size, s.per_rank, i)
-            labels = train_y[idx]
+            images, labels = next(batches)  # the next one is being read meanwhile (stores)
+            view_gen, small_gen = s.views_at(step // s.steps_per_epoch)
             gen = step_generator(device, cfg.seed, step, info.rank)
-            views = s.views(train_x[idx], gen)  # (V, N, C, S, S) made on the device, in a batch
-            small = s.small_views(train_x[idx], gen) if s.small_views else None
+            views = view_gen(images, gen)  # (V, N, C, S, S) made on the device, in a batch
+            small = small_gen(images, gen) if small_gen else None
             # the loss sees the global batch; a shared seed makes sampled negatives agree on all ranks
             loss_gen = gen if not info.distributed else \
                 torch.Generator(device).manual_seed(dist.shared_generator_seed(cfg.seed, step))
@@ -289,6 +313,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
                           "lr": lr, "views_per_s": window_steps * out["z"].shape[0] * s.batch_size
                           / elapsed, **{f"online/{k}": v for k, v in online_acc.items()},
                           **collapse_monitors(out["z"])}
+                if s.resolution:
+                    record["view_size"] = view_gen.size
                 if main:  # rank 0 writes; the others' online accuracies are of their shards only
                     _log(metrics, writer, record)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", views_s=f"{record['views_per_s']:.0f}")
@@ -307,6 +333,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
         if last_saved != step and main:
             save(s, step, train_time)
     finally:
+        batches.close()  # stops the prefetch thread
         bar.close()
         if main:
             metrics.close()

@@ -12,6 +12,7 @@ grayscale, else RGB (alpha dropped). Files other than png/jpg/jpeg/bmp/webp are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,24 +51,44 @@ def _open(path: Path):  # -> PIL.Image.Image (PIL imported lazily: only this sou
         raise UserError(f"cannot read image {path} ({e}): delete or replace it") from None
 
 
-def _load(files: list[Path], size: int, gray: bool) -> np.ndarray:
+def fit_image(im, size: int | tuple[int, int], gray: bool, fit: str = "crop") -> np.ndarray:
+    """A PIL image as uint8 (H, W, C) of exactly `size` (an int: square): "crop" resizes the
+    shorter side to fit and centre-crops, "pad" resizes the longer side and centres it on black."""
     from PIL import Image
 
+    try:
+        im = im.convert("L" if gray else "RGB")
+    except OSError as e:  # truncated pixel data shows up only on decode
+        raise UserError(f"cannot decode image {getattr(im, 'filename', '')} ({e}): delete or "
+                        "replace it") from None
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    w, h = im.size
+    if (w, h) != (out_w, out_h):
+        pick = min if fit == "pad" else max
+        scale = pick(out_w / w, out_h / h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        if fit == "crop":
+            nw, nh = max(out_w, nw), max(out_h, nh)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+        if fit == "crop":
+            left, top = (nw - out_w) // 2, (nh - out_h) // 2
+            im = im.crop((left, top, left + out_w, top + out_h))
+        else:
+            canvas = Image.new(im.mode, (out_w, out_h))
+            canvas.paste(im, ((out_w - nw) // 2, (out_h - nh) // 2))
+            im = canvas
+    return np.asarray(im).reshape(out_h, out_w, -1)
+
+
+def read_image(path: Path, size: int, gray: bool, fit: str = "crop") -> np.ndarray:
+    with _open(path) as im:
+        return fit_image(im, size, gray, fit)
+
+
+def _load(files: list[Path], size: int, gray: bool) -> np.ndarray:
     out = np.empty((len(files), size, size, 1 if gray else 3), dtype=np.uint8)
     for i, path in enumerate(files):
-        with _open(path) as im:
-            try:
-                im = im.convert("L" if gray else "RGB")
-            except OSError as e:  # truncated pixel data shows up only on decode
-                raise UserError(f"cannot decode image {path} ({e}): delete or replace it") \
-                    from None
-            w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        out[i] = np.asarray(im).reshape(size, size, -1)
+        out[i] = read_image(path, size, gray)
     return out
 
 
@@ -79,7 +100,18 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
 
 
-def load_imagefolder(arg: str | None) -> Loaded:
+@dataclass
+class FolderIndex:
+    """What an image folder holds, from file names and image headers only (no pixels)."""
+
+    files: dict[str, list[Path]]  # split -> files; test carved from train when absent
+    labels: dict[str, np.ndarray]
+    class_names: list[str]
+    gray: bool  # every image is grayscale: C = 1
+    min_side: int  # smallest shorter side over every image
+
+
+def index_imagefolder(arg: str | None) -> FolderIndex:
     if not arg:
         raise UserError("imagefolder needs a path: data.name=imagefolder:PATH")
     folders = _split_folders(Path(arg).expanduser())
@@ -93,25 +125,30 @@ def load_imagefolder(arg: str | None) -> Loaded:
                             f"{folders['train']}: give every split the same class folders")
 
     files = {s: [f for fs in c.values() for f in fs] for s, c in scans.items()}
-    every = [f for fs in files.values() for f in fs]
+    labels = {s: np.concatenate([np.full(len(fs), index[c], np.int64) for c, fs in classes.items()])
+              for s, classes in scans.items()}
     sizes, gray = [], True
-    for path in every:  # headers only: PIL reads pixels lazily
+    for path in (f for fs in files.values() for f in fs):  # headers only: PIL reads pixels lazily
         with _open(path) as im:
             sizes.append(min(im.size))
             gray &= im.mode in GRAY_MODES
-    size = min(MAX_SIZE, min(sizes))
+    if "test" not in files:
+        keep, held = holdout(labels["train"], TEST_FRACTION, TEST_SEED)
+        train = files["train"]
+        files["train"], files["test"] = [train[i] for i in keep], [train[i] for i in held]
+        labels["train"], labels["test"] = labels["train"][keep], labels["train"][held]
+    return FolderIndex(files, labels, class_names, gray, min(sizes))
 
-    splits = {}
-    for s, classes in scans.items():
-        labels = np.concatenate([np.full(len(fs), index[c], np.int64) for c, fs in classes.items()])
-        splits[s] = Split(_load(files[s], size, gray), labels)
-    if "test" not in splits:
-        keep, held = holdout(splits["train"].labels, TEST_FRACTION, TEST_SEED)
-        splits["train"], splits["test"] = splits["train"].take(keep), splits["train"].take(held)
+
+def load_imagefolder(arg: str | None) -> Loaded:
+    folder = index_imagefolder(arg)
+    size = min(MAX_SIZE, folder.min_side)
+    splits = {s: Split(_load(f, size, folder.gray), folder.labels[s])
+              for s, f in folder.files.items()}
     return Loaded(
         train=splits["train"],
         val=splits.get("val"),
         test=splits["test"],
-        num_classes=[len(class_names)],
-        class_names=[class_names],
+        num_classes=[len(folder.class_names)],
+        class_names=[folder.class_names],
     )

@@ -11,6 +11,8 @@ Names are `kind` or `kind:ARG`; see `available_datasets()`:
 - `imagefolder:PATH` -- PATH/<class>/<image> (see imagefolder.py); `npz:PATH` -- an .npz
   archive with x_train,y_train,x_test,y_test[,x_val,y_val] or images,labels (+ optional
   factor_names) -- test = a fixed stratified 20% for the latter.
+- `packed:PATH` -- a store made by `ssl-lab data pack` (see pack.py): images stay memory-mapped
+  and are read a batch at a time; val is carved as for the store's source.
 
 An explicit `root` is authoritative: if the files are not there it is an error, not a silent
 fall back to another copy. Validation comes from train (seeded by the run seed and the dataset
@@ -246,6 +248,12 @@ def _load_npz(root: str | None, arg: str | None) -> Loaded:
                   factor_names=_npz_factor_names(path, arrays, n_factors))
 
 
+def _load_packed(root: str | None, arg: str | None) -> Loaded:
+    from ssl_lab.data.pack import load_packed  # torch-importing: only when a store is read
+
+    return load_packed(root, arg)
+
+
 # kind -> (reader(root, arg), takes an ARG?). A literal dict: adding a source is one line.
 SOURCES: dict[str, tuple[Callable[[str | None, str | None], Loaded], bool]] = {
     "fashion-mnist": (_load_fashion, False),
@@ -256,9 +264,10 @@ SOURCES: dict[str, tuple[Callable[[str | None, str | None], Loaded], bool]] = {
     "stl10": (_load_stl10, False),
     "imagefolder": (lambda root, arg: load_imagefolder(arg), True),
     "npz": (_load_npz, True),
+    "packed": (_load_packed, True),
 }
 USAGE = {"shapes": "shapes[:n=20000,size=32,seed=0]", "imagefolder": "imagefolder:PATH",
-         "npz": "npz:PATH"}
+         "npz": "npz:PATH", "packed": "packed:PATH"}
 
 
 def available_datasets() -> list[str]:
@@ -273,7 +282,8 @@ def _check_fraction(key: str, value: float, allow_zero: bool) -> None:
         raise UserError(f"{key}={value} is out of range: use a number in {bounds}")
 
 
-def _parse_name(name: str) -> tuple[str, str | None]:
+def parse_name(name: str) -> tuple[str, str | None]:
+    """`kind[:ARG]` -> (kind, ARG or None), checked against SOURCES."""
     kind, sep, arg = name.partition(":")
     kind = kind.strip().lower()
     if kind not in SOURCES:
@@ -281,7 +291,7 @@ def _parse_name(name: str) -> tuple[str, str | None]:
                         f"{', '.join(available_datasets())}")
     if sep and not SOURCES[kind][1]:
         raise UserError(f"dataset {kind} takes no ':' argument (got {name!r})")
-    if kind in ("imagefolder", "npz") and not arg:
+    if kind in ("imagefolder", "npz", "packed") and not arg:
         raise UserError(f"dataset {kind} needs a path: data.name={USAGE[kind]}")
     return kind, arg or None
 
@@ -302,9 +312,9 @@ def load_dataset(
     """
     _check_fraction("val_fraction", val_fraction, allow_zero=True)
     _check_fraction("fraction", fraction, allow_zero=False)
-    kind, arg = _parse_name(name)
+    kind, arg = parse_name(name)
     loaded = SOURCES[kind][0](root, arg)
-    key = zlib.crc32(kind.encode())  # stable across processes, unlike hash()
+    key = zlib.crc32((loaded.split_key or kind).encode())  # stable across processes, unlike hash()
     train, val = loaded.train, loaded.val
     if val is None:
         train, val = carve_val(train, val_fraction, rng_for(seed, key, 0))

@@ -16,7 +16,11 @@ from ssl_lab.errors import UserError
 
 @dataclass
 class Split:
-    """One split: uint8 images (N, H, W, C) and int64 labels (N,) or (N, F)."""
+    """One split: uint8 images (N, H, W, C) and int64 labels (N,) or (N, F).
+
+    `images` is an array, or a packed store's lazy rows (data/pack.py: same shape, dtype and
+    indexing), whose `select` keeps a subset without reading pixels.
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -25,7 +29,8 @@ class Split:
         return int(self.images.shape[0])
 
     def take(self, idx: np.ndarray) -> Split:
-        return Split(self.images[idx], self.labels[idx])
+        select = getattr(self.images, "select", None)
+        return Split(select(idx) if select else self.images[idx], self.labels[idx])
 
 
 @dataclass
@@ -89,6 +94,9 @@ class Loaded:
     num_classes: list[int] | None = None  # None: max label + 1 per factor over all splits
     class_names: list[list[str]] | None = None
     default_target: str | None = None
+    # the dataset kind that seeds the val carve and fraction subset (None: the name's own);
+    # a packed store names its source so that it splits exactly like the source
+    split_key: str | None = None
 
 
 def rng_for(*keys: int) -> np.random.Generator:

@@ -253,7 +253,7 @@ def per_layer_table(families: list[Seeds], random_init: bool = True) -> str:
                 + " | | |"
             )
             pix = [r["pixels"]["linear_test"] for r in fam.reports if "pixels" in r]
-            lines.append(f"| raw pixels | {len(pix)} | {cell(pix)} |" + " |" * (len(layers) + 1))
+            lines += ["", f"Raw pixels, same probe: {cell(pix)} ({len(pix)} seeds)."]
     return "\n".join(lines)
 
 
@@ -312,13 +312,13 @@ def _knn_table(families: list[Seeds]) -> str:
 def report_width(out: Path, seeds: int, img: Path) -> str:
     head = (
         "| method | last_width | seeds | backbone linear | best layer linear | digits transfer (backbone) "
-        "| zero frac | binarised gap | MLP − linear | RankMe |"
+        "| zero frac | binarised gap | MLP − linear | RankMe | random-init backbone | random-init digits |"
     )
     lines = [
         "## Expand/Narrow: last_width with the projector fixed (backbone layer unless said)",
         "",
         head,
-        "|" + "---|" * 10,
+        "|" + "---|" * 12,
     ]
     curves: dict[str, dict[str, list]] = {}
     for method in ("simclr", "supervised"):
@@ -347,10 +347,11 @@ def report_width(out: Path, seeds: int, img: Path) -> str:
                 ),
             }
             rank = mean_std(layer_values(fam, "backbone", "rankme"))
+            floors = [cell(layer_values(f, "backbone", source="random_init")) for f in (fam, tr)]
             lines.append(
                 f"| {method} | {w} | {len(fam.reports)} | "
                 + " | ".join(cell(v) for v in rows.values())
-                + f" | {rank[0]:.1f} |"
+                + f" | {rank[0]:.1f} | {floors[0]} | {floors[1]} |"
             )
             for key, values in rows.items():
                 curves.setdefault(key, {}).setdefault(method, []).append((w, *mean_std(values)))

@@ -131,3 +131,16 @@ def test_multi_crop_adds_small_views_to_the_loss(tmp_path, method):
         assert out["p"].shape == out["z_target"].shape == out["z"].shape
     run = train(load_config(None, [*over, f"run.dir={tmp_path / 'r2'}"]), stop_at_step=2)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_train_compile_compiles_the_model_in_place(tmp_path, monkeypatch):
+    """train.compile=true compiles SSLModel in place (Module.compile keeps parameter names, so
+    checkpoints are unchanged). Compiling for real takes minutes on CPU: the call is recorded."""
+    from ssl_lab import train as train_module
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compiled.append(type(self).__name__))
+    cfg = load_config(None, tiny_run_overrides(tmp_path / "run", **{"train.compile": "true"}))
+    train_module.build(cfg)
+    assert compiled == ["SSLModel"]

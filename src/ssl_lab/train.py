@@ -136,6 +136,10 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     probes = OnlineProbes(encoder.feature_dims, num_classes).to(device) if cfg.probe.online else None
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # in place (Module.compile): parameter names, checkpoints and the optimizer are unchanged;
+        # each new view size (progressive resolution) recompiles once
+        model.compile()
     trainable = [m for m in (model.encoder, model.predictor, model.classifier) if m is not None]
     optimizer = build_optimizer(trainable, cfg.optim, scaled_lr(cfg.optim))
     probe_optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.probe.lr) if probes else None

@@ -327,6 +327,18 @@ def test_blur_band_matmul_equals_convolution() -> None:
     torch.testing.assert_close(A.gaussian_blur(x, sigma, mask, 5, torch.empty_like(x)), ref)
 
 
+def test_large_blur_on_cpu_touches_only_masked_samples() -> None:
+    """Above 64 px the CPU path blurs only the masked samples: same result as the whole-batch
+    convolution, and unmasked samples are returned exactly."""
+    x = torch.rand(6, 3, 72, 70)
+    sigma, mask = torch.rand(6) * 2 + 0.1, torch.tensor([True, False, False, True, False, True])
+    ref = A._blur_conv(x, A._gauss_kernels(sigma, mask, 7))
+    out = A.gaussian_blur(x.clone(), sigma, mask, 7, torch.empty_like(x))
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[~mask], x[~mask])
+    assert not torch.allclose(out[mask], x[mask])
+
+
 def test_noise_has_requested_std_and_no_crop() -> None:
     images = smooth_images(n=32)
     _, views, params = make(images, get_recipe("noise", noise_std=0.2))

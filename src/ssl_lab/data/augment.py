@@ -216,7 +216,22 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksiz
     at once with no gather/scatter and no host sync. Small images multiply by per-sample band
     matrices (reflection built in): one GEMM per axis beats a depthwise convolution there.
     """
-    kern = _gauss_kernels(sigma, mask, ksize)
+    if x.device.type == "cpu" and max(x.shape[-2:]) > _SUBSET_MIN and not bool(mask.all()):
+        # On CPU the blur's FLOPs are the cost at large sizes (half of all view work at 96 px):
+        # blur only the samples whose coin said yes (1.7-2x faster at 96 px, p = 0.5; slower at
+        # 64 px, where the gather/scatter costs more than it saves). On GPUs nonzero() would be
+        # a host sync per batch. The output is the same bit for bit.
+        idx = mask.nonzero().squeeze(1)
+        if len(idx):
+            sub = _blur(x.index_select(0, idx), _gauss_kernels(sigma[idx], mask[idx], ksize),
+                        work[:len(idx)])
+            x.index_copy_(0, idx, sub)
+        return x
+    return _blur(x, _gauss_kernels(sigma, mask, ksize), work)
+
+
+def _blur(x: torch.Tensor, kern: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """x (M, C, H, W) blurred in place with the (M, K) taps: band matmuls or convolutions."""
     if max(x.shape[-2:]) > _BAND_MAX:
         return x.copy_(_blur_conv(x, kern))
     m, c, h, w = x.shape
@@ -226,6 +241,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksiz
 
 
 _BAND_MAX = 96  # above this side a band matmul costs more than a k-tap convolution
+_SUBSET_MIN = 64  # above this side, CPUs blur only the masked samples
 
 
 def _gauss_kernels(sigma: torch.Tensor, mask: torch.Tensor, ksize: int) -> torch.Tensor:

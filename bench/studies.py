@@ -283,10 +283,14 @@ def report_guillotine(out: Path, seeds: int, img: Path) -> str:
     factor_fams = [load(out, "simclr-shapes", seeds, f"shapes-{f}") for f in SHAPES_FACTORS]
     for fam, factor in zip(factor_fams, SHAPES_FACTORS, strict=True):
         fam.name = f"factor: {factor}"
+    own = load(out, "simclr-shapes", seeds)  # its own evaluation: the default factor, shape
+    floor = [f"| random-init, factor: shape | {len(own.reports)} | "
+             + " | ".join(cell(layer_values(own, k, source="random_init")) for k in layers_of(own))
+             + " | | |"] if own.reports else []
     parts += [
         "### shapes: one SimCLR encoder, probed per factor",
         "",
-        per_layer_table(factor_fams, random_init=False),
+        "\n".join([per_layer_table(factor_fams, random_init=False), *floor]),
         "",
     ]
     _plot_layers(

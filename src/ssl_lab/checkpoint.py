@@ -31,7 +31,7 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -59,10 +59,10 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict[str, nn.Module], sta
     save_file(flat_state(modules), str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     meta = {"step": step, "epoch": state.get("epoch"),
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
                       for f in (WEIGHTS, STATE)}}
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a resumed run re-saving the same step: replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -77,7 +77,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     for child in path.iterdir():
         with open(child, "rb") as handle:
             os.fsync(handle.fileno())
@@ -95,7 +95,7 @@ def _prune(root: Path, keep: int) -> None:
 def verify(ckpt: Path) -> bool:
     try:
         meta = json.loads((ckpt / META).read_text())
-        return all((ckpt / f).stat().st_size == info["bytes"] and _sha256(ckpt / f) == info["sha256"]
+        return all((ckpt / f).stat().st_size == info["bytes"] and sha256_file(ckpt / f) == info["sha256"]
                    for f, info in meta["files"].items())
     except (OSError, ValueError, KeyError):
         return False

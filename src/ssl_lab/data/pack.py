@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ssl_lab import __version__
-from ssl_lab.checkpoint import _fsync_dir, _sha256
+from ssl_lab.checkpoint import fsync_dir, sha256_file
 from ssl_lab.config import parse_override
 from ssl_lab.data import imagefolder
 from ssl_lab.data.splits import Loaded, Split, count_classes
@@ -226,7 +226,7 @@ def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progres
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "ssl_lab_version": __version__}
         (tmp / HEADER).write_text(json.dumps(header, indent=1))  # last: it marks completion
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             dest.rmdir()  # an empty folder (checked above)
         os.rename(tmp, dest)
@@ -259,7 +259,7 @@ def _write_split(tmp: Path, name: str, sp: _SplitPlan, opts: PackOptions, progre
         np.save(tmp / files["offsets"], offsets)
     return {"count": sp.count, "shape": [sp.count, *sp.shape],
             "files": {role: {"name": f, "bytes": (tmp / f).stat().st_size,
-                             "sha256": _sha256(tmp / f)} for role, f in files.items()}}
+                             "sha256": sha256_file(tmp / f)} for role, f in files.items()}}
 
 
 def _ordered_map(fn: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:
@@ -509,7 +509,7 @@ def verify(path: str | Path) -> list[str]:
     """Names of the store's files whose sha256 differs from the header's (reads every byte)."""
     store = open_store(path)
     return [f["name"] for s in store.header["splits"].values() for f in s["files"].values()
-            if _sha256(_check_file(store.path, f)) != f["sha256"]]
+            if sha256_file(_check_file(store.path, f)) != f["sha256"]]
 
 
 def describe(path: str | Path) -> str:

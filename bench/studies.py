@@ -558,7 +558,10 @@ def main() -> None:
         args.docs.mkdir(parents=True, exist_ok=True)
         for name, fn in REPORTS.items():
             text = fn(args.out / args.scale, args.seeds, args.docs / "img")
-            (args.docs / f"{name}.md").write_text(text + "\n")
+            command = f"python bench/studies.py report --scale {args.scale} --seeds {args.seeds}"
+            header = (f"<!-- made by `{command}` from the run directories; scale, machine and "
+                      "seeds: docs/RESULTS.md, Studies -->\n\n")
+            (args.docs / f"{name}.md").write_text(header + text + "\n")
             print(text, "\n")
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import dist, runtime
 from ssl_lab.config import Config, save_config
-from ssl_lab.data.loader import BatchLoader, epoch_permutation  # noqa: F401 (rcdm_run imports it here)
+from ssl_lab.data.loader import BatchLoader
 from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe

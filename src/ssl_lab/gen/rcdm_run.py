@@ -25,13 +25,14 @@ from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import runtime
 from ssl_lab.config import RunConfig, from_dict, parse_override, read_yaml, set_dotted
 from ssl_lab.config import load_config as load_encoder_config
+from ssl_lab.data.loader import epoch_permutation
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import encoder_from_spec, extract_features, load_encoder, read_spec
 from ssl_lab.gen import rcdm
 from ssl_lab.methods import Encoder
 from ssl_lab.optim import lr_at, set_lr
 from ssl_lab.runtime import env_info, pick_device, resolve_precision
-from ssl_lab.train import epoch_permutation, step_generator
+from ssl_lab.train import step_generator
 
 FEATURE_BATCH = 512
 SELECT_SEED = 0  # which held-out images `split=... n=...` shows: fixed, so sample and score agree

@@ -275,3 +275,17 @@ def test_conv_operator_trains_end_to_end(tmp_path):
                               "infusion.layers": 2, "train.epochs": 1})))
     assert find_checkpoint(run) is not None
     assert json.loads((run / "summary.json").read_text())["steps"] > 0
+
+
+def test_training_from_a_packed_store_equals_training_from_its_source(tmp_path):
+    """`data.name=packed:DEST` (read into memory: the chain trains on every image each epoch)
+    gives the same weights as the source it was packed from."""
+    from safetensors.torch import load_file
+
+    from ssl_lab.data.pack import pack
+
+    store, _ = pack("digits", tmp_path / "store", progress=False)
+    runs = [train_infusion(load_infusion_config(None, _tiny(tmp_path / name, **{"data.name": data})))
+            for name, data in (("src", "digits"), ("packed", f"packed:{store}"))]
+    a, b = (load_file(str(find_checkpoint(run) / "weights.safetensors")) for run in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -178,8 +178,9 @@ def prepare_run_dir(cfg: InfusionConfig) -> Path:
 
 
 def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, C) → float (N, C, H, W) in [0, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 (N, H, W, C) → float (N, C, H, W) in [0, 1]; a packed store is read whole (the chain
+    trains on every image every epoch, in memory)."""
+    return torch.from_numpy(np.asarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def load_data(cfg: InfusionConfig) -> DatasetSplits:

@@ -310,7 +310,7 @@ def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None) -> Path:
         (run_dir / "rcdm.json").write_text(json.dumps(spec, indent=1))
     (run_dir / "env.json").write_text(json.dumps(env_info(device), indent=1))
     loop = Loop(cfg, run_dir, device, amp_dtype, model, ema, optimizer, modules,
-                torch.from_numpy(data.train.images).to(device), feats, spec)
+                torch.from_numpy(np.asarray(data.train.images)).to(device), feats, spec)
     step, train_time, last_loss, stopped = loop.run(step, train_time, stop_at_step)
     if stop_at_step is not None and step >= stop_at_step:
         return run_dir

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssl_lab.eval.run import dataset_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {
     "cpu": (
@@ -147,9 +149,9 @@ def all_runs(seeds: int) -> list[Run]:
 
 def eval_tag(overrides: tuple[str, ...], cfg_path: Path) -> str:
     from ssl_lab.config import load_config
-    from ssl_lab.eval.run import _dataset_tag
 
-    return _dataset_tag(load_config(cfg_path, list(overrides)))
+    cfg = load_config(cfg_path, list(overrides))
+    return dataset_tag(cfg.data.name, cfg.data.target)
 
 
 def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
@@ -192,15 +194,11 @@ def load(out: Path, name: str, seeds: int, tag: str | None = None) -> Seeds:
         if not (run_dir / "summary.json").is_file():
             continue
         summary = json.loads((run_dir / "summary.json").read_text())
-        path = run_dir / "evals" / f"{tag or _own_tag(summary)}.json"
+        path = run_dir / "evals" / f"{tag or dataset_tag(summary['dataset'])}.json"
         if path.is_file():
             family.reports.append(json.loads(path.read_text()))
             family.summaries.append(summary)
     return family
-
-
-def _own_tag(summary: dict) -> str:
-    return summary["dataset"].replace(":", "_").replace("/", "_")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -278,6 +276,10 @@ def report_guillotine(out: Path, seeds: int, img: Path) -> str:
         "### kNN top-1 per layer (Fashion-MNIST)",
         "",
         _knn_table([load(out, n, seeds) for n in names]),
+        "",
+        "### kNN top-1 per layer (transfer to digits)",
+        "",
+        _knn_table([load(out, n, seeds, "digits") for n in names]),
         "",
     ]
     factor_fams = [load(out, "simclr-shapes", seeds, f"shapes-{f}") for f in SHAPES_FACTORS]

@@ -183,9 +183,14 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     return report
 
 
+def dataset_tag(name: str, target: str | None = None) -> str:
+    """The file-name tag of an evaluation: evals/<tag>.json, plots/probes-<tag>.png."""
+    tag = name.replace(":", "_").replace("/", "_")
+    return f"{tag}-{target}" if target else tag
+
+
 def _dataset_tag(cfg: Config) -> str:
-    tag = cfg.data.name.replace(":", "_").replace("/", "_")
-    return f"{tag}-{cfg.data.target}" if cfg.data.target else tag
+    return dataset_tag(cfg.data.name, cfg.data.target)
 
 
 def _write_report(report: dict, run_dir: Path, cfg: Config) -> None:

@@ -218,9 +218,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksiz
     """
     if x.device.type == "cpu" and max(x.shape[-2:]) > _SUBSET_MIN and not bool(mask.all()):
         # On CPU the blur's FLOPs are the cost at large sizes (half of all view work at 96 px):
-        # blur only the samples whose coin said yes (1.7-2x faster at 96 px, p = 0.5; slower at
-        # 64 px, where the gather/scatter costs more than it saves). On GPUs nonzero() would be
-        # a host sync per batch. The output is the same bit for bit.
+        # blur only the samples whose coin said yes (bench/view_ops.py: 1.6-1.8x at 96 px, p = 0.5;
+        # at 64 px the band matmuls are cheap and the gather/scatter did not pay). On GPUs
+        # nonzero() would be a host sync per batch. The output is the same bit for bit.
         idx = mask.nonzero().squeeze(1)
         if len(idx):
             sub = _blur(x.index_select(0, idx), _gauss_kernels(sigma[idx], mask[idx], ksize),

@@ -1,0 +1,66 @@
+"""Where view time goes at one size: the simclr recipe with ops switched off one by one, and the
+CPU blur's masked-samples path against blurring the whole batch (identity kernels where not drawn).
+
+    python bench/view_ops.py [--size 96] [--batch 128] [--threads 1] [--repeats 5]
+
+Random uint8 images of side --size, --batch images x 2 views per call, median of --repeats calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ssl_lab.data import augment as A
+from ssl_lab.data.views import ViewGenerator, get_recipe
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: buffers, kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    images = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
+    full = get_recipe("simclr", size=args.size)
+    variants = {"full recipe": full, "no blur": replace(full, blur_p=0.0),
+                "no jitter/grayscale": replace(full, jitter_p=0.0, grayscale_p=0.0),
+                "crop + flip only": replace(full, blur_p=0.0, jitter_p=0.0, grayscale_p=0.0)}
+    print(f"{args.size} px, {args.batch} images x 2 views per call, {args.threads} thread(s)")
+    for name, recipe in variants.items():
+        views = ViewGenerator(recipe, args.size, 2)
+        gen = torch.Generator().manual_seed(0)
+        s = median_s(lambda views=views, gen=gen: views(images, gen), args.repeats)
+        print(f"{name:<22} {2 * args.batch / s:8,.0f} views/s")
+
+    m = 2 * args.batch
+    x = torch.rand(m, 3, args.size, args.size)
+    work = torch.empty_like(x)
+    sigma = 0.1 + 1.9 * torch.rand(m)
+    mask = torch.rand(m) < 0.5  # the recipe's blur p
+    k = A.blur_kernel_size(args.size, full.blur_kernel_frac)
+    whole = median_s(lambda: A._blur(x.clone(), A._gauss_kernels(sigma, mask, k), work), args.repeats)
+    masked = median_s(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work), args.repeats)
+    print(f"blur of {m} views: whole batch {1e3 * whole:.0f} ms, gaussian_blur (this size's path) "
+          f"{1e3 * masked:.0f} ms, {whole / masked:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # sgd | adamw | lars
-    lr: float = 2e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
+    lr: float = 4e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
     weight_decay: float = 1e-4
     batch_size: int = 256
     warmup_epochs: float = 1.0

@@ -6,11 +6,12 @@ per-layer linear probes (the Guillotine gap between backbone and projector layer
 Each config is an ordinary run directory under --out; finished ones (summary.json present) are
 skipped, so the script resumes. The markdown table goes to stdout and to --out/methods.md.
 
-With --minutes M every config gets the same wall-clock budget: a 30-step run of its training
-loop measures its views/s, `train.epochs` is set to the whole epochs that fit in M minutes at
-that speed (at least 1; the cosine schedule then ends on time), and `train.budget_s` = 60 M
-stops a run that turns out slower. The epochs are written to --out/epochs.json, so a resumed or
-repeated run trains the same schedule.
+With --minutes M every config gets the same wall-clock budget: a 60-step run of its training
+loop (2 epochs of a 30-step subset, first log window skipped) measures its views/s,
+`train.epochs` is set to the whole epochs that fit in M minutes at that speed (at least 1; the
+cosine schedule then ends on time), and `train.budget_s` = 60 M stops a run that turns out
+slower. The epochs are written to --out/epochs.json, so a resumed or repeated run trains the
+same schedule.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def budget_overrides(path: Path, overrides: list[str], minutes: float, out: Path
     if path.stem not in fitted:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(path, [*overrides, f"run.dir={tmp}/r", "eval.enabled=false",
-                                     "train.log_every_steps=10", "train.ckpt_every_steps=100000"])
+                                     "train.epochs=2", "train.log_every_steps=10",
+                                     "train.ckpt_every_steps=100000"])
             cfg.train.budget_s = None
             # the loop counts every view it trains on, multi-crop ones included
             views_per_step = cfg.optim.batch_size * (cfg.views.n + cfg.views.small_n)

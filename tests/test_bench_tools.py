@@ -1,0 +1,58 @@
+"""bench/methods_table.py's equal-budget epochs and bench/eval_profile.py, on tiny runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+from conftest import tiny_run_overrides
+
+from ssl_lab.config import load_config
+from ssl_lab.train import load_training_data, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def _bench(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_methods_table_fits_whole_epochs_in_the_budget(tmp_path, monkeypatch):
+    table = _bench("methods_table")
+    config = ROOT / "configs" / "simclr.yaml"
+    overrides = tiny_run_overrides(tmp_path / "unused")[1:]  # all but run.dir
+    cfg = load_config(config, overrides)
+    views_per_epoch = len(load_training_data(cfg).train.images) // 64 * 64 * 2
+    speed = views_per_epoch * 3.7 / 60  # 3.7 epochs per minute
+    monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed)
+    out = tmp_path / "table"
+    assert table.budget_overrides(config, overrides, 1.0, out) == [
+        "train.epochs=3", "train.budget_s=60.0"]
+    record = json.loads((out / "epochs.json").read_text())["simclr"]
+    assert record["views_per_epoch"] == views_per_epoch
+    assert record["epochs"] == math.floor(3.7)
+    # the record is reused (a resumed table trains the same schedule), even if speed changed
+    monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed / 100)
+    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=3"
+    # a config too slow for one epoch still trains one
+    (out / "epochs.json").unlink()
+    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=1"
+
+
+def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):
+    profile = _bench("eval_profile")
+    run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
+    monkeypatch.setattr(sys, "argv", ["eval_profile.py", str(run), "--threads", "1"])
+    profile.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " s |" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["stage1", "stage2", "stage3", "backbone", "proj1", "proj2", "all"]
+    assert all(float(cell) >= 0 for cell in rows[-1].replace("*", "").split("|")[3:7])

@@ -253,3 +253,16 @@ def test_bad_inputs_fail_with_a_clear_message():
         M.linear_probe(x, y, bad, y, x, y, num_classes=2)
     with pytest.raises(ValueError, match="test: expected features"):
         M.knn_classify(x, y, x[:5], y, num_classes=2)
+
+
+def test_evaluate_layer_passes_the_knn_settings_on():
+    """eval.knn_k / eval.knn_temperature must reach the per-layer kNN (they once did not)."""
+    x, y = _blobs(900, 8, 3, sep=1.0, seed=12)  # overlapping blobs: k matters
+    splits = _splits(x, y, 600, 150)
+    train_x, train_y, _, _, test_x, test_y = splits
+    out = M.evaluate_layer(*splits, num_classes=3, knn_k=1, knn_temperature=0.5)
+    one_nn = M.knn_classify(train_x, train_y, test_x, test_y, num_classes=3, k=1, temperature=0.5)
+    default = M.knn_classify(train_x, train_y, test_x, test_y, num_classes=3)
+    assert out["knn_test"] == one_nn
+    assert one_nn != default
+    assert M.evaluate_layer(*splits, num_classes=3)["knn_test"] == default

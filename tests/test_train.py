@@ -144,3 +144,23 @@ def test_train_compile_compiles_the_model_in_place(tmp_path, monkeypatch):
     cfg = load_config(None, tiny_run_overrides(tmp_path / "run", **{"train.compile": "true"}))
     train_module.build(cfg)
     assert compiled == ["SSLModel"]
+
+
+def test_eval_knn_settings_reach_every_layer(tmp_path):
+    """`ssl-lab eval RUN eval.knn_k=...` changes the per-layer kNN, not only the pixels'."""
+    from ssl_lab.data.sources import load_dataset
+    from ssl_lab.eval.metrics import knn_classify
+    from ssl_lab.eval.run import evaluate_run, features_by_split, load_encoder
+    from ssl_lab.runtime import resolve_precision
+
+    run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
+    report = evaluate_run(run, ["eval.knn_k=3", "eval.knn_temperature=0.5", "eval.baselines=false"])
+    cfg = load_config(run / "config.yaml")
+    data = load_dataset(cfg.data.name, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    cpu = torch.device("cpu")
+    feats = features_by_split(load_encoder(run), data, ["backbone"], 512, cpu,
+                              resolve_precision(cfg.train.precision, cpu))
+    expected = knn_classify(feats["train"]["backbone"], torch.from_numpy(data.train.labels),
+                            feats["test"]["backbone"], torch.from_numpy(data.test.labels),
+                            num_classes=10, k=3, temperature=0.5)
+    assert report["layers"]["backbone"]["knn_test"] == expected

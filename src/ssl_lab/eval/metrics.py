@@ -331,18 +331,21 @@ def rankme(x: Tensor, eps: float = 1e-7) -> float:
 # ----------------------------------------------------------------------------- one layer
 def evaluate_layer(
     train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, test_x: Tensor,
-    test_y: Tensor, *, num_classes: int, mlp: bool = False, seed: int = 0,
+    test_y: Tensor, *, num_classes: int, mlp: bool = False, seed: int = 0, knn_k: int = 200,
+    knn_temperature: float = 0.1,
 ) -> dict:
     """Every offline metric of one layer's features (the per-layer entry of eval.json).
 
-    Keys: linear_val, linear_test (linear probe), knn_test (weighted kNN on raw features),
+    Keys: linear_val, linear_test (linear probe), knn_test (weighted kNN on raw features with
+    `knn_k` neighbours at `knn_temperature`),
     mlp_test (only if `mlp`), zero_frac and rankme (of the *test* features), binarized_test
     (the same linear-probe protocol on (x > 0) features).
     """
     splits = (train_x, train_y, val_x, val_y, test_x, test_y)
     lin = linear_probe(*splits, num_classes=num_classes, seed=seed)
     out = {"linear_val": lin["val"], "linear_test": lin["test"],
-           "knn_test": knn_classify(train_x, train_y, test_x, test_y, num_classes=num_classes)}
+           "knn_test": knn_classify(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                                    k=knn_k, temperature=knn_temperature)}
     if mlp:
         out["mlp_test"] = mlp_probe(*splits, num_classes=num_classes, seed=seed)["test"]
     out["zero_frac"] = zero_fraction(test_x)

@@ -113,7 +113,8 @@ def evaluate_encoder(encoder: Encoder, data: DatasetSplits, cfg: Config, device:
         results[name] = evaluate_layer(
             feats["train"][name], labels["train"], feats["val"][name], labels["val"],
             feats["test"][name], labels["test"], num_classes=data.num_classes[0],
-            mlp=cfg.eval.mlp, seed=cfg.seed)
+            mlp=cfg.eval.mlp, seed=cfg.seed, knn_k=cfg.eval.knn_k,
+            knn_temperature=cfg.eval.knn_temperature)
     return results
 
 

@@ -16,8 +16,8 @@ from ssl_lab.train import load_training_data, train
 ROOT = Path(__file__).parents[1]
 
 
-def _bench(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
+def _bench(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # bench scripts import each other
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -25,7 +25,7 @@ def _bench(name: str):
 
 
 def test_methods_table_fits_whole_epochs_in_the_budget(tmp_path, monkeypatch):
-    table = _bench("methods_table")
+    table = _bench("methods_table", monkeypatch)
     config = ROOT / "configs" / "simclr.yaml"
     overrides = tiny_run_overrides(tmp_path / "unused")[1:]  # all but run.dir
     cfg = load_config(config, overrides)
@@ -47,7 +47,7 @@ def test_methods_table_fits_whole_epochs_in_the_budget(tmp_path, monkeypatch):
 
 
 def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):
-    profile = _bench("eval_profile")
+    profile = _bench("eval_profile", monkeypatch)
     run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
     monkeypatch.setattr(sys, "argv", ["eval_profile.py", str(run), "--threads", "1"])
     profile.main()

@@ -9,25 +9,17 @@ Random uint8 images of side --size, --batch images x 2 views per call, median of
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from ssl_lab.data import augment as A
 from ssl_lab.data.views import ViewGenerator, get_recipe
 
-
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: buffers, kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_views import time_it  # noqa: E402  (median seconds per call)
 
 
 def main() -> None:
@@ -47,7 +39,7 @@ def main() -> None:
     for name, recipe in variants.items():
         views = ViewGenerator(recipe, args.size, 2)
         gen = torch.Generator().manual_seed(0)
-        s = median_s(lambda views=views, gen=gen: views(images, gen), args.repeats)
+        s = time_it(lambda views=views, gen=gen: views(images, gen), args.repeats, warmup=1)
         print(f"{name:<22} {2 * args.batch / s:8,.0f} views/s")
 
     m = 2 * args.batch
@@ -56,8 +48,10 @@ def main() -> None:
     sigma = 0.1 + 1.9 * torch.rand(m)
     mask = torch.rand(m) < 0.5  # the recipe's blur p
     k = A.blur_kernel_size(args.size, full.blur_kernel_frac)
-    whole = median_s(lambda: A._blur(x.clone(), A._gauss_kernels(sigma, mask, k), work), args.repeats)
-    masked = median_s(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work), args.repeats)
+    whole = time_it(lambda: A._blur(x.clone(), A._gauss_kernels(sigma, mask, k), work),
+                    args.repeats, warmup=1)
+    masked = time_it(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work), args.repeats,
+                     warmup=1)
     print(f"blur of {m} views: whole batch {1e3 * whole:.0f} ms, gaussian_blur (this size's path) "
           f"{1e3 * masked:.0f} ms, {whole / masked:.2f}x")
 

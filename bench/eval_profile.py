@@ -1,6 +1,6 @@
 """Where offline evaluation time goes: each metric of each layer of a run's encoder, timed.
 
-    python bench/eval_profile.py RUN_DIR [--threads 2] [--random-init]
+    python bench/eval_profile.py RUN_DIR [--threads 2] [--random-init] [key=value ...]
 
 Loads the run's dataset and encoder the way `ssl-lab eval` does, extracts the features once,
 then times the linear probe, kNN, binarised probe and RankMe per layer (the same calls as
@@ -18,8 +18,15 @@ import torch
 from ssl_lab.config import load_config
 from ssl_lab.data.sources import load_dataset
 from ssl_lab.eval import metrics as M
-from ssl_lab.eval.run import SPLITS, encoder_from_spec, features_by_split, load_encoder, read_spec
-from ssl_lab.runtime import pick_device, resolve_precision
+from ssl_lab.eval.run import (
+    SPLITS,
+    encoder_from_spec,
+    eval_precision,
+    features_by_split,
+    load_encoder,
+    read_spec,
+)
+from ssl_lab.runtime import pick_device
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -33,16 +40,17 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--random-init", action="store_true", help="profile the untrained encoder")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.precision=train")
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.run_dir / "config.yaml")
+    cfg = load_config(args.run_dir / "config.yaml", args.overrides)
     data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
                         seed=cfg.seed, fraction=cfg.eval.train_fraction).select_target(cfg.data.target)
     encoder = encoder_from_spec(read_spec(args.run_dir)) if args.random_init else load_encoder(args.run_dir)
     device = pick_device()
     start = time.perf_counter()
     feats = features_by_split(encoder, data, encoder.layer_names, cfg.eval.batch_size, device,
-                              resolve_precision(cfg.train.precision, device))
+                              eval_precision(cfg, device))
     print(f"features of {sum(len(getattr(data, s).images) for s in SPLITS)} images, "
           f"{len(encoder.layer_names)} layers: {time.perf_counter() - start:.1f} s\n")
     y = {s: torch.from_numpy(getattr(data, s).labels) for s in SPLITS}

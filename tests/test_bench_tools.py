@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import tiny_run_overrides
 
 from ssl_lab.config import load_config
+from ssl_lab.runtime import pick_device, resolve_precision
 from ssl_lab.train import load_training_data, train
 
 ROOT = Path(__file__).parents[1]
@@ -49,8 +50,12 @@ def test_methods_table_fits_whole_epochs_in_the_budget(tmp_path, monkeypatch):
 def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):
     profile = _bench("eval_profile", monkeypatch)
     run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
-    monkeypatch.setattr(sys, "argv", ["eval_profile.py", str(run), "--threads", "1"])
+    seen, extract = [], profile.features_by_split
+    monkeypatch.setattr(profile, "features_by_split", lambda *a: seen.append(a[-1]) or extract(*a))
+    monkeypatch.setattr(sys, "argv", ["eval_profile.py", str(run), "--threads", "1",
+                                      "eval.precision=train"])
     profile.main()
+    assert seen == [resolve_precision("auto", pick_device())]  # the override reached it
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and " s |" not in line]
     names = [row.split("|")[1].strip() for row in rows]

@@ -58,9 +58,10 @@ def test_per_layer_table_is_mean_and_std_over_seeds(studies, tmp_path):
     assert row.startswith("| simclr | 2 | 82.0 ± 2.8 | 70.0 ± 0.0 |") and row.endswith("| 12.0 ± 2.8 |")
 
 
-def test_studies_pin_the_lr_they_were_run_with(studies):
-    """The main job's default lr moved after the studies ran; a config's own lr still wins."""
+def test_studies_pin_the_defaults_they_were_run_with(studies):
+    """The default lr and eval precision moved after the studies ran; a config's own lr wins."""
     simclr, mv_barlow = ROOT / "configs" / "simclr.yaml", ROOT / "configs" / "multiview_barlow.yaml"
-    assert load_config(simclr, studies.pinned_defaults(simclr)).optim.lr == 0.002
-    assert studies.pinned_defaults(mv_barlow) == []
+    cfg = load_config(simclr, studies.pinned_defaults(simclr))
+    assert (cfg.optim.lr, cfg.eval.precision) == (0.002, "train")
+    assert studies.pinned_defaults(mv_barlow) == ["eval.precision=train"]
     assert load_config(mv_barlow, studies.pinned_defaults(mv_barlow)).optim.lr == 0.001

@@ -151,16 +151,42 @@ def test_eval_knn_settings_reach_every_layer(tmp_path):
     from ssl_lab.data.sources import load_dataset
     from ssl_lab.eval.metrics import knn_classify
     from ssl_lab.eval.run import evaluate_run, features_by_split, load_encoder
-    from ssl_lab.runtime import resolve_precision
 
     run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
     report = evaluate_run(run, ["eval.knn_k=3", "eval.knn_temperature=0.5", "eval.baselines=false"])
     cfg = load_config(run / "config.yaml")
     data = load_dataset(cfg.data.name, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
     cpu = torch.device("cpu")
-    feats = features_by_split(load_encoder(run), data, ["backbone"], 512, cpu,
-                              resolve_precision(cfg.train.precision, cpu))
+    feats = features_by_split(load_encoder(run), data, ["backbone"], 512, cpu, None)  # fp32
     expected = knn_classify(feats["train"]["backbone"], torch.from_numpy(data.train.labels),
                             feats["test"]["backbone"], torch.from_numpy(data.test.labels),
                             num_classes=10, k=3, temperature=0.5)
     assert report["layers"]["backbone"]["knn_test"] == expected
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", None), ("train", torch.bfloat16)])
+def test_eval_precision_sets_the_feature_dtype(tmp_path, monkeypatch, precision, expected):
+    """Offline features are fp32 by default even after bf16 training; eval.precision=train
+    extracts them under the training autocast instead (the behaviour before it existed)."""
+    from ssl_lab.eval import run as eval_run
+
+    run = train(load_config(None, tiny_run_overrides(
+        tmp_path / "r", **{"eval.enabled": False, "train.precision": "bf16", "train.epochs": 1})))
+    seen, extract = [], eval_run.extract_features
+    monkeypatch.setattr(eval_run, "extract_features",
+                        lambda *a, **k: seen.append(a[5]) or extract(*a, **k))
+    eval_run.evaluate_run(run, [f"eval.precision={precision}", "eval.baselines=false"])
+    assert seen == [expected] * 3  # train, val, test
+
+
+def test_eval_uses_the_configs_thread_count(tmp_path, monkeypatch):
+    """`ssl-lab eval` sets train.threads as training did: the thread count orders float sums,
+    so a standalone evaluation reproduces the one at the end of training."""
+    from ssl_lab.eval import run as eval_run
+
+    run = train(load_config(None, tiny_run_overrides(
+        tmp_path / "r", **{"eval.enabled": False, "train.epochs": 1})))
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    eval_run.evaluate_run(run, ["train.threads=3", "eval.baselines=false"])
+    assert calls == [3]

@@ -120,6 +120,9 @@ class EvalConfig:
     # study sweeps. val and test are never subsampled.
     train_fraction: float = 1.0
     batch_size: int = 1024
+    # fp32 features by default: bf16 keeps 8 mantissa bits, which merges nearly collinear
+    # features (narrow or barely trained encoders; docs/RESULTS.md). "train" = train.precision.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -295,6 +298,7 @@ _CHOICES = {
     "optim.name": ("sgd", "adamw", "lars"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.on_nan": ("stop", "skip"),
+    "eval.precision": ("fp32", "train"),
     "method.beta_scaling": ("none", "inverse_dim"),
     "model.stem": ("cifar", "small", "imagenet"),
 }

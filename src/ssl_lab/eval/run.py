@@ -62,6 +62,11 @@ def load_encoder(run_dir: Path) -> Encoder:
 # ----------------------------------------------------------------------------- features
 
 
+def eval_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of offline feature extraction: None (fp32) unless eval.precision=train."""
+    return resolve_precision(cfg.train.precision, device) if cfg.eval.precision == "train" else None
+
+
 def to_model_input(batch: torch.Tensor, in_chans: int, size: int) -> torch.Tensor:
     """uint8 (N, H, W, C) → float (N, in_chans, size, size) in [0, 1]: channels matched (grey
     repeated to RGB, RGB to luminance) and resized, so any dataset can be probed (transfer)."""
@@ -159,8 +164,10 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     cfg = load_config(run_dir / "config.yaml", list(overrides))
+    if cfg.train.threads:  # as in training: the thread count sets the order of float sums
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device()
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    amp_dtype = eval_precision(cfg, device)
     # Probes use the labelled training split (eval.train_fraction of it): data.fraction limits
     # SSL training only.
     data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,

@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import tiny_run_overrides
 
 from ssl_lab.config import load_config
+from ssl_lab.eval.run import evaluate_run
 from ssl_lab.runtime import pick_device, resolve_precision
 from ssl_lab.train import load_training_data, train
 
@@ -61,3 +62,18 @@ def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["stage1", "stage2", "stage3", "backbone", "proj1", "proj2", "all"]
     assert all(float(cell) >= 0 for cell in rows[-1].replace("*", "").split("|")[3:7])
+
+
+def test_probe_convergence_reports_every_budget(tmp_path, monkeypatch, capsys):
+    conv = _bench("probe_convergence", monkeypatch)
+    run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
+    monkeypatch.setattr(sys, "argv", ["probe_convergence.py", str(run), "--threads", "1",
+                                      "--layers", "backbone", "--iters", "1,15"])
+    conv.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [
+        ("backbone", 1), ("backbone", 15), ("pixels", 1), ("pixels", 15)]
+    # 15 iterations (metrics.MAX_ITER) reproduce the protocol's own probe of that layer
+    report = evaluate_run(run, ["eval.baselines=false"])
+    assert float(rows[1][4]) == round(100 * report["layers"]["backbone"]["linear_test"], 2)

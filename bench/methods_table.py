@@ -8,10 +8,10 @@ skipped, so the script resumes. The markdown table goes to stdout and to --out/m
 
 With --minutes M every config gets the same wall-clock budget: a 60-step run of its training
 loop (2 epochs of a 30-step subset, first log window skipped) measures its views/s,
-`train.epochs` is set to the whole epochs that fit in M minutes at that speed (at least 1; the
-cosine schedule then ends on time), and `train.budget_s` = 60 M stops a run that turns out
-slower. The epochs are written to --out/epochs.json, so a resumed or repeated run trains the
-same schedule.
+`train.epochs` is set to the epochs that fit in M minutes at that speed, rounded down to 0.01
+(fractional: the cosine schedule then ends on time), and `train.budget_s` = 60 M stops a run
+that turns out slower. The epochs are written to --out/epochs.json, so a resumed or repeated run
+trains the same schedule.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def budget_overrides(path: Path, overrides: list[str], minutes: float, out: Path
                 * views_per_step
             views_per_s = full_loop_steps(cfg, 30)
         fitted[path.stem] = {"views_per_s": views_per_s, "views_per_epoch": per_epoch,
-                             "epochs": max(1, math.floor(60 * minutes * views_per_s / per_epoch))}
+                             "epochs": max(0.01, math.floor(6000 * minutes * views_per_s / per_epoch)
+                                           / 100)}
         out.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(fitted, indent=1))
     return [f"train.epochs={fitted[path.stem]['epochs']}", f"train.budget_s={60 * minutes}"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,26 +25,27 @@ def _bench(name: str, monkeypatch):
     return module
 
 
-def test_methods_table_fits_whole_epochs_in_the_budget(tmp_path, monkeypatch):
+def test_methods_table_fits_the_epochs_of_the_budget(tmp_path, monkeypatch):
     table = _bench("methods_table", monkeypatch)
     config = ROOT / "configs" / "simclr.yaml"
     overrides = tiny_run_overrides(tmp_path / "unused")[1:]  # all but run.dir
     cfg = load_config(config, overrides)
     views_per_epoch = len(load_training_data(cfg).train.images) // 64 * 64 * 2
-    speed = views_per_epoch * 3.7 / 60  # 3.7 epochs per minute
+    speed = views_per_epoch * 3.757 / 60  # 3.757 epochs per minute
     monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed)
     out = tmp_path / "table"
     assert table.budget_overrides(config, overrides, 1.0, out) == [
-        "train.epochs=3", "train.budget_s=60.0"]
+        "train.epochs=3.75", "train.budget_s=60.0"]  # rounded down: never over the budget
     record = json.loads((out / "epochs.json").read_text())["simclr"]
     assert record["views_per_epoch"] == views_per_epoch
-    assert record["epochs"] == math.floor(3.7)
+    assert record["epochs"] == 3.75
     # the record is reused (a resumed table trains the same schedule), even if speed changed
     monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed / 100)
-    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=3"
-    # a config too slow for one epoch still trains one
+    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=3.75"
+    # a config too slow for a hundredth of an epoch still trains one
     (out / "epochs.json").unlink()
-    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=1"
+    monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed / 1000)
+    assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=0.01"
 
 
 def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
-from ssl_lab.train import train
+from ssl_lab.train import load_training_data, train
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 SUMMARY_KEYS = {"method", "dataset", "epochs", "wall_s", "views_per_s", "probes", "probes_val",
@@ -77,6 +77,24 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, method):
     train(load_config(None, [*crashed, "resume=true"]))
     a, b = _final_weights(straight), _final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
+
+
+def test_fractional_epochs_end_mid_epoch_and_resume_exactly(tmp_path):
+    """train.epochs=1.5 trains round(1.5 x steps per epoch) steps (the schedules follow), ends
+    with a checkpoint there, and a run killed before that resumes to the same weights."""
+    extra = {"eval.enabled": False, "train.epochs": 1.5, "train.ckpt_every_steps": 2}
+    straight = train(load_config(None, tiny_run_overrides(tmp_path / "a", **extra)))
+    steps_per_epoch = len(load_training_data(load_config(
+        None, tiny_run_overrides(tmp_path / "a", **extra))).train.images) // 64
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == round(1.5 * steps_per_epoch) and summary["steps"] % steps_per_epoch
+    assert summary["epochs"] == summary["steps"] / steps_per_epoch
+    assert ckpt_io.find_checkpoint(straight).name == f"step-{summary['steps']:07d}"
+    crashed = tiny_run_overrides(tmp_path / "b", **extra)
+    train(load_config(None, crashed), stop_at_step=summary["steps"] - 1)
+    train(load_config(None, [*crashed, "resume=true"]))
+    a, b = _final_weights(straight), _final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
 
 

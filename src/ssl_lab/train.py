@@ -8,6 +8,7 @@ uninterrupted run would have seen: on CPU the final weights are bit-identical.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -153,14 +154,14 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
             encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
     dist.barrier()
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,
-                 views, small_views, batch_size, steps_per_epoch, steps_per_epoch * cfg.train.epochs, info,
-                 per_rank, resolution)
+                 views, small_views, batch_size, steps_per_epoch,
+                 max(1, round(steps_per_epoch * cfg.train.epochs)), info, per_rank, resolution)
 
 
 def _resolution_schedule(cfg: Config, size: int) -> ResolutionSchedule | None:
     v = cfg.views
     schedule = schedule_from_config(v.min_size, size, v.ramp_start, v.ramp_end, v.size_step,
-                                    cfg.train.epochs)
+                                    math.ceil(cfg.train.epochs))  # a partial last epoch counts
     if schedule is not None and cfg.model.backbone.startswith("vit"):
         raise UserError("views.min_size (progressive resolution) needs a ResNet backbone: a ViT's "
                         "position embeddings are fixed to one image size; set views.min_size=0")
@@ -256,7 +257,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
                          prefetch=cfg.data.prefetch)
     batches = loader.batches(step, s.total_steps)
     if s.resolution and main:
-        tqdm.write(f"progressive resolution: view size per epoch {s.resolution.sizes(cfg.train.epochs)}")
+        sizes = s.resolution.sizes(math.ceil(cfg.train.epochs))
+        tqdm.write(f"progressive resolution: view size per epoch {sizes}")
     probe_layers = s.probes.layer_names if s.probes else []
     warmup = round(cfg.optim.warmup_epochs * s.steps_per_epoch)
     peak_lr = scaled_lr(cfg.optim)

@@ -136,3 +136,18 @@ def test_training_ramps_the_view_size(tmp_path, stripes_npz):
             "model.backbone": "vit_tiny", "views.min_size": 4})))
     with pytest.raises(UserError, match="ramp_end"):
         load_config(None, ["views.ramp_start=3", "views.ramp_end=1"])
+
+
+@pytest.mark.parametrize("epochs, touched", [(1.5, 2), (2.1, 2), (2.5, 3)])
+def test_fractional_epochs_reach_full_size_in_the_last_epoch_run(tmp_path, stripes_npz, epochs,
+                                                                 touched):
+    """The ramp ends in the last epoch the run enters: 2.1 epochs of 2 steps round to 4 steps,
+    2 epochs, so a ramp planned for a third epoch would never reach the full size."""
+    from ssl_lab.train import build
+
+    s = build(load_config(None, tiny_run_overrides(tmp_path / "r", **{
+        "data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "optim.batch_size": 64,
+        "train.epochs": epochs, "views.min_size": 8, "views.size_step": 4})))
+    assert s.steps_per_epoch == 2 and s.total_steps == round(2 * epochs)
+    sizes = s.resolution.sizes(touched)
+    assert len(sizes) == touched and sizes[0] == 8 and sizes[-1] == 16

@@ -124,7 +124,11 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     size = cfg.views.size or data.image_size
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std)
     small_views = _small_view_generator(cfg, size)
-    resolution = _resolution_schedule(cfg, size)
+    batch_size = min(cfg.optim.batch_size, len(data.train.images))
+    per_rank = dist.per_rank_batch(batch_size, info.world_size)
+    steps_per_epoch = len(data.train.images) // batch_size
+    total_steps = max(1, round(steps_per_epoch * cfg.train.epochs))  # epochs may be fractional
+    resolution = _resolution_schedule(cfg, size, epochs_touched(total_steps, steps_per_epoch))
     num_classes = data.num_classes[0]
     mean, std = channel_stats(data.train.images)
 
@@ -145,23 +149,25 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     optimizer = build_optimizer(trainable, cfg.optim, scaled_lr(cfg.optim))
     probe_optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.probe.lr) if probes else None
 
-    batch_size = min(cfg.optim.batch_size, len(data.train.images))
-    per_rank = dist.per_rank_batch(batch_size, info.world_size)
-    steps_per_epoch = len(data.train.images) // batch_size
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: every input has been validated
         (run_dir / "encoder.json").write_text(json.dumps(
             encoder_spec(cfg, data, size, mean, std, num_classes), indent=1))
     dist.barrier()
     return Setup(cfg, run_dir, device, amp_dtype, data, model, probes, optimizer, probe_optimizer,
-                 views, small_views, batch_size, steps_per_epoch,
-                 max(1, round(steps_per_epoch * cfg.train.epochs)), info, per_rank, resolution)
+                 views, small_views, batch_size, steps_per_epoch, total_steps, info, per_rank,
+                 resolution)
 
 
-def _resolution_schedule(cfg: Config, size: int) -> ResolutionSchedule | None:
+def epochs_touched(total_steps: int, steps_per_epoch: int) -> int:
+    """Epochs a run of total_steps steps enters: a fractional train.epochs' partial last one
+    counts (progressive resolution must reach full size in the epoch that really ends the run)."""
+    return math.ceil(total_steps / steps_per_epoch)
+
+
+def _resolution_schedule(cfg: Config, size: int, epochs: int) -> ResolutionSchedule | None:
     v = cfg.views
-    schedule = schedule_from_config(v.min_size, size, v.ramp_start, v.ramp_end, v.size_step,
-                                    math.ceil(cfg.train.epochs))  # a partial last epoch counts
+    schedule = schedule_from_config(v.min_size, size, v.ramp_start, v.ramp_end, v.size_step, epochs)
     if schedule is not None and cfg.model.backbone.startswith("vit"):
         raise UserError("views.min_size (progressive resolution) needs a ResNet backbone: a ViT's "
                         "position embeddings are fixed to one image size; set views.min_size=0")
@@ -257,7 +263,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop_at_step: int | None) -> Path:
                          prefetch=cfg.data.prefetch)
     batches = loader.batches(step, s.total_steps)
     if s.resolution and main:
-        sizes = s.resolution.sizes(math.ceil(cfg.train.epochs))
+        sizes = s.resolution.sizes(epochs_touched(s.total_steps, s.steps_per_epoch))
         tqdm.write(f"progressive resolution: view size per epoch {sizes}")
     probe_layers = s.probes.layer_names if s.probes else []
     warmup = round(cfg.optim.warmup_epochs * s.steps_per_epoch)

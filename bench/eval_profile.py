@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ssl_lab.config import load_config
-from ssl_lab.data.sources import load_dataset
 from ssl_lab.eval import metrics as M
 from ssl_lab.eval.run import (
     SPLITS,
@@ -24,6 +23,7 @@ from ssl_lab.eval.run import (
     eval_precision,
     features_by_split,
     load_encoder,
+    probe_data,
     read_spec,
 )
 from ssl_lab.runtime import pick_device
@@ -44,8 +44,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()  # overrides may follow the options
     torch.set_num_threads(args.threads)
     cfg = load_config(args.run_dir / "config.yaml", args.overrides)
-    data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed, fraction=cfg.eval.train_fraction).select_target(cfg.data.target)
+    data = probe_data(cfg)
     encoder = encoder_from_spec(read_spec(args.run_dir)) if args.random_init else load_encoder(args.run_dir)
     device = pick_device()
     start = time.perf_counter()

@@ -18,9 +18,15 @@ from pathlib import Path
 import torch
 
 from ssl_lab.config import load_config
-from ssl_lab.data.sources import load_dataset
 from ssl_lab.eval.metrics import linear_probe
-from ssl_lab.eval.run import SPLITS, eval_precision, features_by_split, load_encoder
+from ssl_lab.eval.run import (
+    SPLITS,
+    eval_precision,
+    features_by_split,
+    load_encoder,
+    pixel_features,
+    probe_data,
+)
 from ssl_lab.runtime import pick_device
 
 
@@ -33,15 +39,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.run_dir / "config.yaml")
-    data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed, fraction=cfg.eval.train_fraction).select_target(cfg.data.target)
+    data = probe_data(cfg)
     device = pick_device()
     layers = args.layers.split(",")
     feats = features_by_split(load_encoder(args.run_dir), data, layers, cfg.eval.batch_size, device,
                               eval_precision(cfg, device))
     inputs = {name: {s: feats[s][name] for s in SPLITS} for name in layers}
-    inputs["pixels"] = {s: torch.from_numpy(getattr(data, s).images).flatten(1).float().div_(255)
-                        for s in SPLITS}
+    inputs["pixels"] = pixel_features(data)
     labels = {s: torch.from_numpy(getattr(data, s).labels) for s in SPLITS}
     print("| input | iterations per wd | chosen wd | val top-1 | test top-1 | seconds |\n"
           "|---|---:|---:|---:|---:|---:|")

@@ -1,4 +1,5 @@
-"""bench/methods_table.py's equal-budget epochs and bench/eval_profile.py, on tiny runs."""
+"""bench/methods_table.py's equal-budget epochs, bench/eval_profile.py and
+bench/probe_convergence.py, on tiny runs."""
 
 from __future__ import annotations
 

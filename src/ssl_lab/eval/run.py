@@ -62,6 +62,14 @@ def load_encoder(run_dir: Path) -> Encoder:
 # ----------------------------------------------------------------------------- features
 
 
+def probe_data(cfg: Config) -> DatasetSplits:
+    """The labelled splits the probes use: eval.train_fraction of the training split
+    (data.fraction limits SSL training only), val and test whole."""
+    return load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
+                        seed=cfg.seed, fraction=cfg.eval.train_fraction
+                        ).select_target(cfg.data.target)
+
+
 def eval_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of offline feature extraction: None (fp32) unless eval.precision=train."""
     return resolve_precision(cfg.train.precision, device) if cfg.eval.precision == "train" else None
@@ -123,9 +131,14 @@ def evaluate_encoder(encoder: Encoder, data: DatasetSplits, cfg: Config, device:
     return results
 
 
+def pixel_features(data: DatasetSplits) -> dict[str, torch.Tensor]:
+    """Raw pixels as features: (N, H*W*C) floats in [0, 1] per split."""
+    return {split: torch.from_numpy(getattr(data, split).images).flatten(1).float().div_(255)
+            for split in SPLITS}
+
+
 def pixel_baseline(data: DatasetSplits, cfg: Config) -> dict[str, float]:
-    flat = {split: torch.from_numpy(getattr(data, split).images.reshape(
-        len(getattr(data, split).images), -1)).float().div_(255) for split in SPLITS}
+    flat = pixel_features(data)
     labels = {split: torch.from_numpy(getattr(data, split).labels) for split in SPLITS}
     k = data.num_classes[0]
     linear = linear_probe(flat["train"], labels["train"], flat["val"], labels["val"],
@@ -168,11 +181,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device()
     amp_dtype = eval_precision(cfg, device)
-    # Probes use the labelled training split (eval.train_fraction of it): data.fraction limits
-    # SSL training only.
-    data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed, fraction=cfg.eval.train_fraction
-                        ).select_target(cfg.data.target)
+    data = probe_data(cfg)
     encoder = load_encoder(run_dir)
     report = {"dataset": cfg.data.name, "target": cfg.data.target,
               "probe_train_size": len(data.train.images),

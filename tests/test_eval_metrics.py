@@ -179,6 +179,20 @@ def test_knn_uses_raw_normalised_features_and_breaks_ties_by_index():
                           num_classes=2, k=1) == 1.0
 
 
+def test_topk_with_many_ties_equals_a_stable_sort():
+    """Rows tied across the k-th place (common for low-dim or untrained features) must keep
+    exactly what a stable descending sort keeps first: the values and the lower indices."""
+    g = torch.Generator().manual_seed(9)
+    sim = torch.randint(0, 6, (40, 300), generator=g).float() / 5  # 6 values: ties everywhere
+    sim[::7] = torch.rand(6, 300, generator=g)  # and some rows without ties
+    for k in (1, 5, 37, 299):
+        ref_vals, ref_idx = sim.sort(dim=1, descending=True, stable=True)
+        vals, idx = M._topk_lowest_index_ties(sim, k)
+        assert torch.equal(vals, ref_vals[:, :k])
+        # within equal values the order of the kept indices does not change the vote
+        assert torch.equal(idx.sort(dim=1).values, ref_idx[:, :k].sort(dim=1).values)
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_zero_fraction():
     x = torch.tensor([[0.0, 1.0, -2.0, 0.0], [3.0, 0.0, 1e-30, 4.0]])
@@ -251,6 +265,9 @@ def test_bad_inputs_fail_with_a_clear_message():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="val: features contain NaN"):
         M.linear_probe(x, y, bad, y, x, y, num_classes=2)
+    bad[3, 1] = -float("inf")
+    with pytest.raises(ValueError, match="train: features contain NaN or inf"):
+        M.knn_classify(bad, y, x, y, num_classes=2)
     with pytest.raises(ValueError, match="test: expected features"):
         M.knn_classify(x, y, x[:5], y, num_classes=2)
 

@@ -189,7 +189,7 @@ def test_topk_with_many_ties_equals_a_stable_sort():
         ref_vals, ref_idx = sim.sort(dim=1, descending=True, stable=True)
         vals, idx = M._topk_lowest_index_ties(sim, k)
         assert torch.equal(vals, ref_vals[:, :k])
-        # within equal values the order of the kept indices does not change the vote
+        # the kept set must match; the order among equal values above the k-th is topk's
         assert torch.equal(idx.sort(dim=1).values, ref_idx[:, :k].sort(dim=1).values)
 
 

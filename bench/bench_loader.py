@@ -13,7 +13,9 @@ once in --work (random crops of scikit-image's photos, so the JPEGs compress lik
    batches of --batch after 2 warm-up batches, all on CPU:
    - ssl_lab_raw / ssl_lab_jpeg: `BatchLoader` over the store's train split (memory-mapped
      reads or PIL decodes in its prefetch thread) + `ViewGenerator("simclr")` in the main process
-     with --threads torch threads; also the loader alone (no views);
+     with --threads torch threads; also the loader alone (no views). Above 64 px the views are
+     `fast` by default (one colour matrix + one clamp, bf16 blur where native), so there
+     ssl_lab_raw_exact also times the raw store with torchvision-exact views (fast=False);
    - per_image_pil: a torch Dataset that does, per image, what torchvision's SimCLR transforms
      do on PIL images -- decode, random resized crop, flip, colour jitter (brightness, contrast,
      saturation, hue in random order, p=0.8), grayscale p=0.2, and above 64 px Gaussian blur
@@ -152,14 +154,14 @@ def per_image_batches(files: list[Path], args: argparse.Namespace, size: int
 # ----------------------------------------------------------------------------- ours
 
 
-def store_batches(store: Path, args: argparse.Namespace, size: int | None
-                  ) -> Iterator[torch.Tensor]:
+def store_batches(store: Path, args: argparse.Namespace, size: int | None,
+                  fast: bool | None = None) -> Iterator[torch.Tensor]:
     """Packed store -> BatchLoader (prefetch thread) -> batched views of `size` px in this
-    process (size None: the loader's uint8 batches alone)."""
+    process (size None: the loader's uint8 batches alone); fast: Recipe.fast (None: by size)."""
     split = open_store(store)
     images, labels = split.images("train"), split.labels("train")
     loader = BatchLoader(images, labels, args.batch, seed=0, prefetch=2)
-    views = ViewGenerator("simclr", size, 2) if size else None
+    views = ViewGenerator("simclr", size, 2, fast=fast) if size else None
     for step, (x, _) in enumerate(loader.batches(0, loader.steps_per_epoch)):
         yield views(x, torch.Generator().manual_seed(step)) if views else x
 
@@ -222,6 +224,9 @@ def main() -> None:
             "ssl_lab_raw": time_batches(store_batches(stores["raw"], args, size), args.batches),
             "ssl_lab_jpeg": time_batches(store_batches(stores["jpeg"], args, size), args.batches),
             "per_image_pil": time_batches(per_image_batches(files, args, size), args.batches)}
+        if get_recipe("simclr", size=size).fast:  # the default above 64 px; also time exact
+            rows["ssl_lab_raw_exact"] = time_batches(
+                store_batches(stores["raw"], args, size, fast=False), args.batches)
         for row in rows.values():
             row["speedup_vs_per_image"] = row["per_s"] / rows["per_image_pil"]["per_s"]
     print("\n| view size | pipeline | views / s | vs per-image PIL |\n|---|---|---:|---:|")

@@ -4,11 +4,13 @@ op were skipped or applied to the wrong samples."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ssl_lab.config import load_config
 from ssl_lab.data import augment as A
 from ssl_lab.data.views import RECIPES, Recipe, ViewGenerator, get_recipe, save_view_grid
 from ssl_lab.errors import UserError
@@ -126,6 +128,16 @@ def test_recipe_values() -> None:
     assert get_recipe("simclr", size=224).crop_scale == (0.08, 1.0)
 
 
+def test_fast_views_are_on_above_64_px_unless_overridden() -> None:
+    assert not get_recipe("simclr").fast and not get_recipe("simclr", size=64).fast
+    assert get_recipe("simclr", size=96).fast and get_recipe("noise", size=96).fast
+    assert not get_recipe("simclr", size=224, fast=False).fast
+    assert get_recipe("simclr", size=32, fast=True).fast
+    assert ViewGenerator("simclr", 96).recipe.fast and not ViewGenerator("simclr", 96, fast=False).recipe.fast
+    assert load_config(None, ["views.fast=true"]).views.fast is True
+    assert load_config(None, []).views.fast is None
+
+
 # --- one test per op ---------------------------------------------------------------------------
 
 def test_crop_box_maps_the_right_region() -> None:
@@ -230,8 +242,10 @@ def test_hue_rotates_chroma_and_keeps_luma() -> None:
     assert (params[0]["hue"].abs() > 0.01).any()
 
 
-def reference_jitter(x: torch.Tensor, factors: list[float], order: list[int]) -> torch.Tensor:
-    """One image (3, H, W), torchvision-style: each op then a clamp, in the given order."""
+def reference_jitter(x: torch.Tensor, factors: list[float], order: list[int],
+                     clamp_each: bool = True) -> torch.Tensor:
+    """One image (3, H, W), torchvision-style: each op then a clamp, in the given order.
+    clamp_each=False: no clamp at all (the chain DALI's ColorTwist applies before its one)."""
     b, c, s, h = factors
     w = torch.tensor(A.GRAY_RGB)[:, None, None]
     for op in order:
@@ -243,7 +257,7 @@ def reference_jitter(x: torch.Tensor, factors: list[float], order: list[int]) ->
             x = s * x + (1 - s) * (x * w).sum(0, keepdim=True)
         else:
             x = (A._hue_matrices(torch.tensor([h]))[0] @ x.reshape(3, -1)).view_as(x)
-        x = x.clamp(0, 1)
+        x = x.clamp(0, 1) if clamp_each else x
     return x
 
 
@@ -263,6 +277,42 @@ def test_jitter_matches_per_image_reference_in_each_sample_order() -> None:
 
 
 JITTER = ("brightness", "contrast", "saturation", "hue")
+
+
+def reference_fused(x: torch.Tensor, factors: list[float], order: list[int], gray: bool
+                    ) -> torch.Tensor:
+    """One image, DALI ColorTwist-style: the chain unclamped, grayscale, then one clamp."""
+    x = reference_jitter(x, factors, order, clamp_each=False)
+    if gray:
+        x = (x * torch.tensor(A.GRAY_RGB)[:, None, None]).sum(0, keepdim=True).expand(3, -1, -1)
+    return x.clamp(0, 1)
+
+
+def test_fast_colour_is_one_clamp_after_the_whole_chain() -> None:
+    images = smooth_images(n=32)
+    recipe = replace(jitter_only(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.5),
+                     grayscale_p=0.5, fast=True)
+    _, fast, params = make(images, recipe)
+    _, exact, _ = make(images, replace(recipe, fast=False))  # same seed: same parameters
+    p, x = params[0], as_float(images)
+    assert 0 < p["grayscale"].sum() < 32
+    for i in range(32):
+        factors = [float(p[k][i]) for k in JITTER]
+        ref = reference_fused(x[i], factors, p["jitter_order"][i].tolist(), bool(p["grayscale"][i]))
+        torch.testing.assert_close(fast[0][i], ref, atol=1e-5, rtol=0)
+    # strong factors push values out of [0, 1] mid-chain: the two semantics really differ there
+    assert (fast[0] - exact[0]).abs().amax() > 0.05
+
+
+def test_fast_colour_equals_exact_colour_when_no_clamp_binds() -> None:
+    g = torch.Generator().manual_seed(4)
+    images = (90 + 76 * torch.rand(48, 8, 8, 3, generator=g)).to(torch.uint8)  # [0.35, 0.65]
+    recipe = replace(jitter_only(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+                     grayscale_p=0.3)
+    _, exact, _ = make(images, recipe, size=8)
+    _, fast, _ = make(images, replace(recipe, fast=True), size=8)
+    assert (exact - as_float(images)[None]).abs().amax() > 0.05  # the jitter did something
+    torch.testing.assert_close(fast, exact, atol=2e-6, rtol=0)
 
 
 def test_jitter_probability_and_order_are_per_sample() -> None:
@@ -337,6 +387,28 @@ def test_large_blur_on_cpu_touches_only_masked_samples() -> None:
     torch.testing.assert_close(out, ref)
     assert torch.equal(out[~mask], x[~mask])
     assert not torch.allclose(out[mask], x[mask])
+
+
+def test_bf16_blur_is_the_fp32_blur_to_bf16_precision_and_stays_in_range() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 3, 72, 72, generator=g)
+    x[0] = 1.0  # a white image: rounded taps must not push it above 1
+    sigma, mask = 0.1 + 1.9 * torch.rand(8, generator=g), torch.tensor([True, False] * 4)
+    ref = A.gaussian_blur(x.clone(), sigma, mask, 7, torch.empty_like(x))
+    low = A.gaussian_blur(x.clone(), sigma, mask, 7, torch.empty_like(x), bf16=True)
+    # three bf16 roundings (input, between the passes, output) of values up to 1: <= ~2.5/255
+    torch.testing.assert_close(low, ref, atol=1e-2, rtol=0)
+    assert (low - ref).abs().mean() < 1e-3
+    assert not torch.equal(low, ref) and low.max() <= 1 and low.min() >= 0
+    assert torch.equal(low[~mask], x[~mask])
+
+
+def test_fast_views_at_96_px_replay_exactly_and_stay_in_range() -> None:
+    images = smooth_images(n=6, size=100)
+    vg, views, params = make(images, "byol", size=96)
+    assert vg.recipe.fast and views.shape == (2, 6, 3, 96, 96)
+    assert views.min() >= 0 and views.max() <= 1
+    assert torch.equal(vg.replay(images, params), views)
 
 
 def test_noise_has_requested_std_and_no_crop() -> None:

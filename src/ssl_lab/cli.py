@@ -41,7 +41,7 @@ def cmd_views(ns: argparse.Namespace) -> None:
     data = load_training_data(cfg)
     images = torch.from_numpy(data.train.images[: ns.n])
     views = ViewGenerator(cfg.views.recipe, cfg.views.size or data.image_size, cfg.views.n,
-                          noise_std=cfg.views.noise_std)
+                          noise_std=cfg.views.noise_std, fast=cfg.views.fast)
     out = views(images, torch.Generator().manual_seed(cfg.seed))
     print(f"views: {save_view_grid(images, out, ns.out, n=ns.n)}")
 

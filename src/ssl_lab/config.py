@@ -43,6 +43,9 @@ class ViewsConfig:
     n: int = 2
     size: int = 0  # 0 = the dataset's own image size
     noise_std: float = 0.1
+    # fast views (Recipe.fast: one colour matrix + one clamp, bf16 blur where native);
+    # null = by view size: on above 64 px, off at <= 64 px (every small-image result here)
+    fast: bool | None = None
     small_n: int = 0  # multi-crop: extra small views per image (SwAV-style), 0 = off
     small_size: int = 0  # their size in pixels (0 = half the view size, at least 8)
     small_scale: float = 0.4  # their crops cover (0.05, small_scale) of the image

@@ -122,7 +122,8 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     run_dir = _agreed_run_dir(cfg, info)
     data = load_training_data(cfg)
     size = cfg.views.size or data.image_size
-    views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std)
+    views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std,
+                          fast=cfg.views.fast)
     small_views = _small_view_generator(cfg, size)
     batch_size = min(cfg.optim.batch_size, len(data.train.images))
     per_rank = dist.per_rank_batch(batch_size, info.world_size)
@@ -178,7 +179,7 @@ def _small_view_generator(cfg: Config, size: int) -> ViewGenerator | None:
     """Multi-crop: k extra views at a smaller size from small crops (SwAV's 2 + k scheme)."""
     if not cfg.views.small_n:
         return None
-    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
+    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std, fast=cfg.views.fast)
     if recipe.crop_scale is not None:
         recipe = replace(recipe, crop_scale=(0.05, cfg.views.small_scale))
     small_size = cfg.views.small_size or max(8, size // 2)

@@ -10,6 +10,9 @@ Pipeline order (BYOL/VICReg's): random resized crop + horizontal flip + resize -
 each op as torchvision does) -> grayscale -> Gaussian blur -> solarize -> Gaussian noise.
 Hue is a rotation of the YIQ chroma plane (keeps luma; torchvision rotates HSV hue instead,
 which keeps HSV value) because it is a 3x3 matrix and so costs the same as the other ops.
+`Recipe.fast` (the default above 64 px, ImageNet-style recipes) trades that exactness for ~2x:
+jitter and grayscale become one affine colour map per view with one clamp (DALI's ColorTwist),
+and the blur's GEMMs run in bfloat16 where that is native (AMX CPUs, CUDA).
 Crop + flip + resize is one bilinear `grid_sample` equal to cutting the box and resizing it
 without antialiasing: exact when crops are upsampled (always at 32 px), aliased when a crop
 shrinks a lot (large images; "none"/"noise" resizes do antialias). Blur kernels are ~10% of
@@ -54,6 +57,9 @@ class Recipe:
     solarize_p: PerView = 0.0
     solarize_threshold: float = 0.5
     noise_std: float = 0.0
+    # fast: colour ops fused into one matrix and one clamp (augment.fused_color) and a bf16
+    # blur where native; False: torchvision's clamp after every colour op and an fp32 blur
+    fast: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale or (0.5, 1.0)
@@ -105,11 +111,13 @@ RECIPES: tuple[str, ...] = tuple(_BUILTIN)
 _LARGE = 64  # above this output size, crops use ImageNet's scale range
 
 
-def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None) -> Recipe:
+def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None,
+               fast: bool | None = None) -> Recipe:
     """The named recipe. `noise_std` is sigma of the "noise" recipe (x + sigma * eps).
 
     With `size` > 64, crop-based recipes use ImageNet's crop scale (0.08, 1) and SimCLR its
-    ImageNet blur (p = 0.5); the defaults are the small-image (CIFAR-style) settings.
+    ImageNet blur (p = 0.5); the defaults are the small-image (CIFAR-style) settings. `fast`
+    (Recipe.fast) is None = by size: on above 64 px, where view making costs the most.
     """
     if name not in _BUILTIN:
         raise UserError(f"unknown view recipe {name!r}: use one of {', '.join(RECIPES)}")
@@ -122,7 +130,9 @@ def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None) ->
         recipe = replace(recipe, crop_scale=(0.08, 1.0))
         if name == "simclr":
             recipe = replace(recipe, blur_p=0.5)
-    return recipe
+    if fast is None:
+        fast = size is not None and size > _LARGE
+    return replace(recipe, fast=bool(fast))
 
 
 class ViewGenerator:
@@ -133,13 +143,13 @@ class ViewGenerator:
     """
 
     def __init__(self, recipe: str | Recipe, size: int, n_views: int = 2, *,
-                 noise_std: float = 0.1) -> None:
+                 noise_std: float = 0.1, fast: bool | None = None) -> None:
         if not isinstance(size, int) or size < 1:
             raise UserError(f"views.size must be a positive integer, got {size!r}")
         if not isinstance(n_views, int) or n_views < 1:
             raise UserError(f"views.n must be a positive integer, got {n_views!r}")
         if isinstance(recipe, str):
-            recipe = get_recipe(recipe, noise_std=noise_std, size=size)
+            recipe = get_recipe(recipe, noise_std=noise_std, size=size, fast=fast)
         self.recipe, self.size, self.n_views = recipe, size, n_views
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -237,15 +247,21 @@ class ViewGenerator:
             x = A.resize(A.to_float(images), s)
             x = x[None].expand(v, n, c, s, s).contiguous().view(m, c, s, s)
         # x is the fresh tensor returned; the ops below overwrite it, using `work` as scratch.
-        work = self._buffer("work", x.shape, dev) if ("jitter" in p or "blur" in p) else x
-        if "jitter" in p:
-            mats = A.jitter_matrices(*(p[k] for k in JITTER_OPS), channels=c)
+        fast = self.recipe.fast
+        colour = "jitter" in p or "grayscale" in p
+        work = self._buffer("work", x.shape, dev) if (colour or "blur" in p) else x
+        mats = A.jitter_matrices(*(p[k] for k in JITTER_OPS), channels=c) if "jitter" in p else None
+        if fast and colour:
+            A.fused_color(x, mats, p.get("contrast"), p.get("jitter_order"), p.get("grayscale"),
+                          work)
+        if not fast and mats is not None:
             A.color_jitter(x, mats, p["contrast"], p["jitter_order"], work)
-        if "grayscale" in p:
+        if not fast and "grayscale" in p:
             A.grayscale(x, p["grayscale"])
         if "blur" in p:
             k = A.blur_kernel_size(s, self.recipe.blur_kernel_frac)
-            A.gaussian_blur(x, p["blur_sigma"], p["blur"], k, work)
+            A.gaussian_blur(x, p["blur_sigma"], p["blur"], k, work,
+                            bf16=fast and A.native_bf16_matmul(dev))
         if "solarize" in p:
             A.solarize(x, p["solarize"], self.recipe.solarize_threshold)
         if "noise" in p:

@@ -138,6 +138,20 @@ def test_training_ramps_the_view_size(tmp_path, stripes_npz):
         load_config(None, ["views.ramp_start=3", "views.ramp_end=1"])
 
 
+@pytest.mark.parametrize("fast", [None, True, False])
+def test_views_fast_reaches_the_large_small_and_ramped_views(tmp_path, stripes_npz, fast):
+    from ssl_lab.train import build
+
+    s = build(load_config(None, tiny_run_overrides(tmp_path / "r", **{
+        "data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "views.size": 72,
+        "views.small_n": 2, "views.min_size": 64, "views.size_step": 8,
+        "views.fast": "null" if fast is None else str(fast).lower(),
+        "train.epochs": 3})))
+    want = fast is not False  # null: fast above 64 px, and 72 px is the run's view size
+    kinds = {v.recipe.fast for e in range(3) for v in s.views_at(e)}
+    assert kinds == {want} and s.views_at(0)[0].size == 64  # the ramped 64 px keeps the kind
+
+
 @pytest.mark.parametrize("epochs, touched", [(1.5, 2), (2.1, 2), (2.5, 3)])
 def test_fractional_epochs_reach_full_size_in_the_last_epoch_run(tmp_path, stripes_npz, epochs,
                                                                  touched):

@@ -107,7 +107,7 @@ class Setup:
             # the full size's recipe throughout: crop scales must not jump when the size crosses 64
             self._views_by_size[size] = (
                 ViewGenerator(self.views.recipe, size, self.views.n_views),
-                _small_view_generator(self.cfg, size))
+                _small_view_generator(self.cfg, size, self.views.recipe.fast))
         return self._views_by_size[size]
 
 
@@ -124,7 +124,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     size = cfg.views.size or data.image_size
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std,
                           fast=cfg.views.fast)
-    small_views = _small_view_generator(cfg, size)
+    small_views = _small_view_generator(cfg, size, views.recipe.fast)
     batch_size = min(cfg.optim.batch_size, len(data.train.images))
     per_rank = dist.per_rank_batch(batch_size, info.world_size)
     steps_per_epoch = len(data.train.images) // batch_size
@@ -175,11 +175,12 @@ def _resolution_schedule(cfg: Config, size: int, epochs: int) -> ResolutionSched
     return schedule
 
 
-def _small_view_generator(cfg: Config, size: int) -> ViewGenerator | None:
-    """Multi-crop: k extra views at a smaller size from small crops (SwAV's 2 + k scheme)."""
+def _small_view_generator(cfg: Config, size: int, fast: bool) -> ViewGenerator | None:
+    """Multi-crop: k extra views at a smaller size from small crops (SwAV's 2 + k scheme), of
+    the same kind (fast or exact) as the large views."""
     if not cfg.views.small_n:
         return None
-    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std, fast=cfg.views.fast)
+    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std, fast=fast)
     if recipe.crop_scale is not None:
         recipe = replace(recipe, crop_scale=(0.05, cfg.views.small_scale))
     small_size = cfg.views.small_size or max(8, size // 2)

@@ -269,10 +269,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksiz
     return _blur(x, _gauss_kernels(sigma, mask, ksize), work, bf16)
 
 
+@functools.lru_cache(maxsize=8)
 def native_bf16_matmul(device: torch.device) -> bool:
-    """True where bfloat16 matmuls run natively (CUDA; CPUs with AMX), i.e. are the fast kind."""
+    """True where bfloat16 matmuls run natively (CUDA compute capability >= 8, i.e. Ampere on;
+    CPUs with AMX tiles), i.e. are the fast kind; elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device)[0] >= 8
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
     return device.type == "cpu" and amx is not None and bool(amx())
 

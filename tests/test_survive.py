@@ -19,6 +19,7 @@ from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import write_text_atomic
 from ssl_lab.train import train
 
 EXTRA = {"eval.enabled": False, "train.ckpt_every_steps": 1, "train.epochs": 3,
@@ -96,3 +97,22 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     assert main(["train", *args, "resume=true", "model.width=0.25"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not match" in err and "shape mismatch" in err, err
+
+
+def test_result_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """summary.json, eval.json, checkpoints' `latest`...: a write that dies before its rename
+    leaves the previous file intact and no temporary behind."""
+    path = write_text_atomic(tmp_path / "summary.json", '{"old": 1}')
+    assert path.read_text() == '{"old": 1}'
+
+    def killed(*args):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        write_text_atomic(path, '{"new": 2}')
+    assert path.read_text() == '{"old": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    monkeypatch.undo()
+    write_text_atomic(path, '{"new": 2}')
+    assert path.read_text() == '{"new": 2}' and len(list(tmp_path.iterdir())) == 1

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import write_text_atomic
 
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
 
@@ -66,15 +67,9 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict[str, nn.Module], sta
     if final.exists():  # a resumed run re-saving the same step: replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_atomic(root / "latest", final.name)
+    write_text_atomic(root / "latest", final.name)
     _prune(root, keep)
     return final
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fsync_dir(path: Path) -> None:

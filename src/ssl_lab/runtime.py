@@ -80,6 +80,20 @@ def existing_run_dir(text: str, made_by: str) -> Path:
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write path whole or not at all: a crash or kill mid-write leaves the previous file (or
+    none), never a truncated one. The temporary name is per process, so concurrent writers of
+    the same file (a shared baseline cache) do not collide; the last rename wins."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def utc_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 

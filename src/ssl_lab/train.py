@@ -30,7 +30,7 @@ from ssl_lab.eval.metrics import rankme
 from ssl_lab.eval.online import OnlineProbes
 from ssl_lab.methods import Encoder, SSLModel, byol_momentum, get_method
 from ssl_lab.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from ssl_lab.runtime import autocast, env_info, pick_device, resolve_precision
+from ssl_lab.runtime import autocast, env_info, pick_device, resolve_precision, write_text_atomic
 
 # ----------------------------------------------------------------------------- run directory
 
@@ -397,7 +397,7 @@ def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,
         summary |= summary_from_eval(report)
         print_layer_table(report, s.run_dir)
     summary["wall_s"] = time.perf_counter() - wall_start  # this invocation, evaluation included
-    (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(s.run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"summary: {s.run_dir / 'summary.json'}")
     return s.run_dir
 

@@ -24,7 +24,7 @@ from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.eval.metrics import evaluate_layer, knn_classify, linear_probe
 from ssl_lab.methods import Encoder
-from ssl_lab.runtime import autocast, pick_device, resolve_precision
+from ssl_lab.runtime import autocast, pick_device, resolve_precision, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -161,9 +161,7 @@ def cached(kind: str, key: dict, compute) -> dict:
         return json.loads(path.read_text())["result"]
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "result": result}))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"key": key, "result": result}))
     return result
 
 
@@ -219,8 +217,8 @@ def _write_report(report: dict, run_dir: Path, cfg: Config) -> None:
     report["plot"] = str(plot)
     text = json.dumps(report, indent=1)
     (run_dir / "evals").mkdir(exist_ok=True)
-    (run_dir / "evals" / f"{_dataset_tag(cfg)}.json").write_text(text)
-    (run_dir / "eval.json").write_text(text)
+    write_text_atomic(run_dir / "evals" / f"{_dataset_tag(cfg)}.json", text)
+    write_text_atomic(run_dir / "eval.json", text)
     plot_layer_probes(report, plot)
 
 

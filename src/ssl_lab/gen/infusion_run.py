@@ -28,7 +28,7 @@ from ssl_lab.config import from_dict, parse_override, read_yaml, set_dotted, spl
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
-from ssl_lab.runtime import env_info, pick_device
+from ssl_lab.runtime import env_info, pick_device, write_text_atomic
 
 # ----------------------------------------------------------------------------- config
 
@@ -365,7 +365,7 @@ def train_infusion(cfg: InfusionConfig, stop_at_step: int | None = None) -> Path
     summary = {"dataset": cfg.data.name, "steps": step, "epochs": cfg.train.epochs,
                "train_time_s": train_time, "wall_s": time.perf_counter() - wall_start,
                "final": record}
-    (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(tr.run_dir / "summary.json", json.dumps(summary, indent=1))
     return tr.run_dir
 
 
@@ -503,7 +503,7 @@ def score_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
         "prior": {"parzen": prior_parzen, "exact_ll": model.prior.log_prob(test).mean().item()},
     }
     report["score_s"] = time.perf_counter() - t0
-    (run_dir / out_name).write_text(json.dumps(report, indent=1))
+    write_text_atomic(run_dir / out_name, json.dumps(report, indent=1))
     return report
 
 

@@ -31,7 +31,7 @@ from ssl_lab.eval.run import encoder_from_spec, extract_features, load_encoder, 
 from ssl_lab.gen import rcdm
 from ssl_lab.methods import Encoder
 from ssl_lab.optim import lr_at, set_lr
-from ssl_lab.runtime import env_info, pick_device, resolve_precision
+from ssl_lab.runtime import env_info, pick_device, resolve_precision, write_text_atomic
 from ssl_lab.train import step_generator
 
 FEATURE_BATCH = 512
@@ -328,7 +328,7 @@ def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None) -> Path:
                                cfg.sample.eta)
         summary["preview"] = str(save_sample_grid(result, run_dir / "plots" / "preview.png"))
     summary["wall_s"] = time.perf_counter() - wall_start
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"summary: {run_dir / 'summary.json'}")
     return run_dir
 
@@ -633,9 +633,7 @@ def score_command(run_dir: Path, args: ScoreArgs) -> dict:
     meta = {key: value for key, value in report.items() if not isinstance(value, dict)}
     save_npz(out / "samples.npz", {**result, "indices": idx, "diversity": div.numpy()}, meta)
     report["score_s"] = time.perf_counter() - start
-    tmp = run_dir / ".score.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(run_dir / "score.json")
+    write_text_atomic(run_dir / "score.json", json.dumps(report, indent=1))
     return report
 
 

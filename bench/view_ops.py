@@ -1,5 +1,6 @@
 """Where view time goes at one size: the simclr recipe with ops switched off one by one, and the
-CPU blur's masked-samples path against blurring the whole batch (identity kernels where not drawn).
+CPU blur's masked-samples path against blurring the whole batch (identity kernels where not drawn)
+and against the same path in bf16 (what fast views use where bf16 matmuls are native).
 
     python bench/view_ops.py [--size 96] [--batch 128] [--threads 1] [--repeats 5]
 
@@ -35,12 +36,19 @@ def main() -> None:
     variants = {"full recipe": full, "no blur": replace(full, blur_p=0.0),
                 "no jitter/grayscale": replace(full, jitter_p=0.0, grayscale_p=0.0),
                 "crop + flip only": replace(full, blur_p=0.0, jitter_p=0.0, grayscale_p=0.0)}
-    print(f"{args.size} px, {args.batch} images x 2 views per call, {args.threads} thread(s)")
+    if full.fast:  # the two parts of fast views separately, and none of them
+        variants |= {"fast, fp32 blur": full, "exact (fast=False)": replace(full, fast=False)}
+    print(f"{args.size} px, {args.batch} images x 2 views per call, {args.threads} thread(s), "
+          f"fast views: {full.fast}")
+    native = A.native_bf16_matmul
     for name, recipe in variants.items():
+        # "fast, fp32 blur": fast colour, but the blur as where bf16 is not native
+        A.native_bf16_matmul = (lambda device: False) if name == "fast, fp32 blur" else native
         views = ViewGenerator(recipe, args.size, 2)
         gen = torch.Generator().manual_seed(0)
         s = time_it(lambda views=views, gen=gen: views(images, gen), args.repeats, warmup=1)
         print(f"{name:<22} {2 * args.batch / s:8,.0f} views/s")
+    A.native_bf16_matmul = native
 
     m = 2 * args.batch
     x = torch.rand(m, 3, args.size, args.size)
@@ -52,8 +60,11 @@ def main() -> None:
                     args.repeats, warmup=1)
     masked = time_it(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work), args.repeats,
                      warmup=1)
+    low = time_it(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work, bf16=True),
+                  args.repeats, warmup=1)
     print(f"blur of {m} views: whole batch {1e3 * whole:.0f} ms, gaussian_blur (this size's path) "
-          f"{1e3 * masked:.0f} ms, {whole / masked:.2f}x")
+          f"{1e3 * masked:.0f} ms, {whole / masked:.2f}x; the same in bf16 (fast views where "
+          f"native: {A.native_bf16_matmul(x.device)}) {1e3 * low:.0f} ms, {masked / low:.2f}x")
 
 
 if __name__ == "__main__":

@@ -251,8 +251,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, ksiz
     Unmasked samples get a delta kernel, which reproduces them, so the whole batch is blurred
     at once with no gather/scatter and no host sync. Small images multiply by per-sample band
     matrices (reflection built in): one GEMM per axis beats a depthwise convolution there.
-    bf16=True runs those GEMMs in bfloat16 (float32 accumulation): ~5x faster where the
-    hardware multiplies bf16 natively (`native_bf16_matmul`), at ~3 significant digits.
+    bf16=True runs those GEMMs in bfloat16 (float32 accumulation), at ~3 significant digits:
+    worth it only where the hardware multiplies bf16 natively (`native_bf16_matmul`).
     """
     if x.device.type == "cpu" and max(x.shape[-2:]) > _SUBSET_MIN and not bool(mask.all()):
         # On CPU the blur's FLOPs are the cost at large sizes (half of all view work at 96 px):

@@ -10,7 +10,8 @@ Pipeline order (BYOL/VICReg's): random resized crop + horizontal flip + resize -
 each op as torchvision does) -> grayscale -> Gaussian blur -> solarize -> Gaussian noise.
 Hue is a rotation of the YIQ chroma plane (keeps luma; torchvision rotates HSV hue instead,
 which keeps HSV value) because it is a 3x3 matrix and so costs the same as the other ops.
-`Recipe.fast` (the default above 64 px, ImageNet-style recipes) trades that exactness for ~2x:
+`Recipe.fast` (the default above 64 px, ImageNet-style recipes) trades that exactness for speed
+(~1.6x at 96 px, bench/view_ops.py):
 jitter and grayscale become one affine colour map per view with one clamp (DALI's ColorTwist),
 and the blur's GEMMs run in bfloat16 where that is native (AMX CPUs, CUDA).
 Crop + flip + resize is one bilinear `grid_sample` equal to cutting the box and resizing it

@@ -197,7 +197,8 @@ def fused_color(x: torch.Tensor, mats: torch.Tensor | None, contrast: torch.Tens
 
     DALI's ColorTwist semantics (solo-learn's DALI pipeline): the same ops and parameters as
     `color_jitter` + `grayscale`, but no clamp between them, so the chain collapses into a CxC
-    matrix and a shift per sample and the image is read and written once instead of ~5 times.
+    matrix and a shift per sample: three passes over the image (a mean, one batched matmul, one
+    clamp) instead of a mean, a matmul and a clamp per op plus the grayscale's two.
     Equal to the sequential ops wherever no intermediate value leaves [0, 1]. Contrast's mean
     luma at its step is exact: without clamps the mean maps through the affine chain.
     mats/contrast/order: as for color_jitter, or None (no jitter); gray: (M,) mask or None.

@@ -2,7 +2,9 @@
 per-image PIL + torch DataLoader pipeline, same images, same run, same batches.
 
     quiet .venv/bin/python bench/bench_loader.py --n 20000 --size 96 --out-sizes 32,64,96 \
-        --batch 256 --batches 40 --threads 2 --workers 2 --out docs/bench/loader.json
+        --batch 256 --batches 40 --threads 2 --workers 2 --out docs/bench/loader.json \
+        --plot docs/img/loader.png
+    .venv/bin/python bench/bench_loader.py --replot docs/bench/loader.json --plot docs/img/loader.png
 
 Data: a synthetic ImageFolder of --n JPEGs (quality 90) of --size px in 10 class folders, made
 once in --work (random crops of scikit-image's photos, so the JPEGs compress like photos).
@@ -180,6 +182,44 @@ def time_batches(batches: Iterator[torch.Tensor], count: int, warmup: int = 2) -
     return {"seconds": sec, "batches": count, "items": n_views, "per_s": n_views / sec}
 
 
+LABELS = {"per_image_pil": "per-image PIL + DataLoader", "ssl_lab_jpeg": "ssl-lab JPEG store",
+          "ssl_lab_raw": "ssl-lab raw store (default views)",
+          "ssl_lab_raw_exact": "ssl-lab raw store, exact views",
+          "ssl_lab_raw_fast": "ssl-lab raw store, fast views"}
+
+
+def plot_speedups(result: dict, path: Path) -> Path:
+    """Views/s of every pipeline at every view size (log scale), per-image PIL's x5 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_size = result["views_per_s_by_view_size"]
+    names = sorted({name for rows in by_size.values() for name in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j, rows in enumerate(by_size.values()) if name in rows]
+        ax.bar(xs, [rows[name]["per_s"] for rows in by_size.values() if name in rows], width,
+               label=LABELS.get(name, name))
+    for j, rows in enumerate(by_size.values()):
+        ax.hlines(5 * rows["per_image_pil"]["per_s"], j - width / 2, j + 0.8 - width / 2,
+                  color="black", ls="--", lw=1, label="5x per-image PIL" if j == 0 else None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(by_size))],
+                  [f"{size} px" for size in by_size])
+    ax.set_yscale("log")
+    ax.set_ylabel("views / s")
+    ax.set_title(f"2 SimCLR views per image from {result['n_images']:,} {result['size']}-px JPEGs")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000, help="JPEGs in the synthetic ImageFolder")
@@ -191,7 +231,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (per-image)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ssl-lab-bench-loader"))
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    ap.add_argument("--plot", type=Path, default=None, help="bar chart PNG of the views/s")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="only draw --plot from this earlier --out JSON (no benchmark)")
     args = ap.parse_args()
+    if args.replot:
+        print(plot_speedups(json.loads(args.replot.read_text()), args.plot))
+        return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
@@ -245,6 +291,8 @@ def main() -> None:
             "torch": torch.__version__,
         }
         write_result(args.out, result, load_before)
+        if args.plot:
+            print(plot_speedups(result, args.plot))
 
 
 if __name__ == "__main__":

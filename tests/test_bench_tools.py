@@ -78,3 +78,18 @@ def test_probe_convergence_reports_every_budget(tmp_path, monkeypatch, capsys):
     # 15 iterations (metrics.MAX_ITER) reproduce the protocol's own probe of that layer
     report = evaluate_run(run, ["eval.baselines=false"])
     assert float(rows[1][4]) == round(100 * report["layers"]["backbone"]["linear_test"], 2)
+
+
+def test_loader_chart_replots_a_saved_result_without_benchmarking(tmp_path, monkeypatch):
+    bench_loader = _bench("bench_loader", monkeypatch)
+    monkeypatch.setattr(bench_loader, "make_folder", None)  # would fail if the bench ran
+    rows = {"per_image_pil": {"per_s": 1000.0}, "ssl_lab_raw": {"per_s": 6000.0},
+            "ssl_lab_jpeg": {"per_s": 2500.0}}
+    result = {"n_images": 20, "size": 96, "views_per_s_by_view_size": {
+        "32": rows, "96": rows | {"ssl_lab_raw_exact": {"per_s": 2000.0}}}}
+    saved = tmp_path / "result.json"
+    saved.write_text(json.dumps(result))
+    monkeypatch.setattr(sys, "argv", ["bench_loader.py", "--replot", str(saved),
+                                      "--plot", str(tmp_path / "chart.png")])
+    bench_loader.main()
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

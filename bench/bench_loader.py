@@ -190,10 +190,7 @@ LABELS = {"per_image_pil": "per-image PIL + DataLoader", "ssl_lab_jpeg": "ssl-la
 
 def plot_speedups(result: dict, path: Path) -> Path:
     """Views/s of every pipeline at every view size (log scale), per-image PIL's x5 marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ssl_lab.plots import plt, save_figure  # headless backend
 
     by_size = result["views_per_s_by_view_size"]
     names = sorted({name for rows in by_size.values() for name in rows})
@@ -213,11 +210,7 @@ def plot_speedups(result: dict, path: Path) -> Path:
     ax.set_title(f"2 SimCLR views per image from {result['n_images']:,} {result['size']}-px JPEGs")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssl_lab.eval.run import dataset_tag
+from ssl_lab.plots import plt, save_figure  # headless backend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {
@@ -443,20 +444,10 @@ def _cheap_row(name: str, fam: Seeds) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_layers(families: list[Seeds], path: Path, title: str) -> None:
     families = [f for f in families if f.reports]
     if not families:
         return
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     layers = layers_of(families[0])
     for fam in families:
@@ -474,16 +465,12 @@ def _plot_layers(families: list[Seeds], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> None:
     if not curves:
         return
-    plt = _plt()
     keys = ["backbone linear", "digits transfer", "zero frac", "binarised gap", "MLP − linear"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for ax, key in zip(axes, keys, strict=True):
@@ -497,10 +484,7 @@ def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> None:
         ax.set_title(key + (" (%)" if key != "zero frac" else " (% of entries)"), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def online_curve(run_dir: Path) -> tuple[list[float], list[float]]:
@@ -531,7 +515,6 @@ def _plot_wallclock(out: Path, seeds: int, path: Path) -> None:
         "V=2, whole subset": "mvbarlow-d256-scaled-v2",
         "V=4, half subset": "mvbarlow-d256-scaled-v4-f0.185",
     }
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drew = False
     for (label, name), colour in zip(runs.items(), ("C0", "C1"), strict=True):
@@ -548,10 +531,7 @@ def _plot_wallclock(out: Path, seeds: int, path: Path) -> None:
     ax.set_ylabel("online backbone probe (train views, %)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 REPORTS = {"guillotine": report_guillotine, "width": report_width, "cheap": report_cheap}

@@ -10,6 +10,16 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path, dpi: float | None = None) -> Path:
+    """Lay out, write (making parent folders) and close a figure: every plot ends here."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_layer_probes(report: dict, path: Path) -> Path:
     """Linear and kNN test top-1 per layer (shallow → deep), random-init and raw-pixel floors."""
     layers = list(report["layers"])
@@ -30,8 +40,4 @@ def plot_layer_probes(report: dict, path: Path) -> Path:
     ax.set_title(f"per-layer probes on {report['dataset']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -468,10 +468,7 @@ def _mean_std(rows: list[dict], key: str, value: Any, column: str) -> tuple[floa
 
 def _plot(rows: list[dict], key: str, order: list, columns: list[str], others: list[str],
           path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: sweeps run on servers
-    import matplotlib.pyplot as plt
+    from ssl_lab.plots import plt, save_figure  # headless backend: sweeps run on servers
 
     numeric = all(_is_number(v) for v in order)
     xs = list(order) if numeric else list(range(len(order)))
@@ -495,11 +492,7 @@ def _plot(rows: list[dict], key: str, order: list, columns: list[str], others: l
     ax.grid(alpha=0.3)
     if len(columns) > 1:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- command line

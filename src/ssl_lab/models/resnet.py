@@ -28,16 +28,17 @@ from torch import nn
 
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
+from ssl_lab.models.small_conv import SmallMapConv2d
 
 STEMS = ("cifar", "small", "imagenet")
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return SmallMapConv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+    return SmallMapConv2d(cin, cout, 1, stride=stride, bias=False)
 
 
 def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:

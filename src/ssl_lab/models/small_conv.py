@@ -1,0 +1,93 @@
+"""A Conv2d that runs as one dense matmul when its maps are tiny (4x4 or 2x2 pixels).
+
+Why: on small images the last ResNet stages see 4x4 and 2x2 maps. There oneDNN's convolution
+backward is several times slower than its forward (a 3x3, 128 -> 512 conv on 2x2 maps took
+~22 % of a whole training step of the default model on the CI CPU), because a 2x2 map leaves
+almost nothing to parallelise or vectorise over. On such a map the convolution is just a
+linear map from all C*H*W inputs to all O*H'*W' outputs whose (O*H'*W') x (C*H*W) matrix
+repeats the kernel taps; built once per call from the weight (its size does not depend on the
+batch), it turns forward and backward into three well-shaped GEMMs (`bench/small_conv.py`).
+
+Parameters, state dict, initialisation and output values are those of `nn.Conv2d` (equal up
+to float summation order), so checkpoints and torchvision weights load unchanged. Larger maps,
+groups, dilation and non-zero padding modes take `nn.Conv2d`'s own path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+MAX_DENSE_PIXELS = 16  # input H*W up to 4x4: beyond it the dense matrix is mostly zeros
+MAX_DENSE_ENTRIES = 1 << 23  # 16 MB in bf16, rebuilt each call: caps the cost for wide models
+
+
+@lru_cache(maxsize=64)
+def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               size: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    """One-hot (kh*kw, H'*W'*H*W) matrix: column (p, q) holds a 1 at the kernel tap that links
+    output pixel p to input pixel q (none when q is outside p's window), and H', W'."""
+    (kh, kw), (sh, sw), (ph, pw), (h, w) = kernel, stride, padding, size
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    taps = torch.zeros(kh * kw, oh * ow, h * w)
+    for oy in range(oh):
+        for ox in range(ow):
+            for ky in range(kh):
+                for kx in range(kw):
+                    iy, ix = oy * sh - ph + ky, ox * sw - pw + kx
+                    if 0 <= iy < h and 0 <= ix < w:
+                        taps[ky * kw + kx, oy * ow + ox, iy * w + ix] = 1.0
+    return taps.reshape(kh * kw, -1), oh, ow
+
+
+def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, stride, padding)` (groups 1, dilation 1) as one matmul.
+
+    Rows of the dense matrix are ordered (input pixel, channel) and columns (output pixel,
+    channel), so a channels_last input is read and the output written without a copy.
+    """
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    if (kh, kw) == (1, 1) and padding == (0, 0):  # per-pixel: no tap matrix needed
+        y = x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1) @ weight.view(o, c).t()
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.permute(0, 3, 1, 2)
+    taps, oh, ow = tap_matrix((kh, kw), stride, padding, (h, w))
+    taps = taps.to(x.device)
+    dense = weight.reshape(o * c, kh * kw) @ taps.to(weight.dtype)  # (o*c, p*q); autocast: bf16
+    dense = dense.view(o, c, oh * ow, h * w).permute(3, 1, 2, 0).reshape(h * w * c, oh * ow * o)
+    y = x.permute(0, 2, 3, 1).reshape(n, h * w * c) @ dense
+    if bias is not None:
+        y = y.view(n, oh * ow, o) + bias.to(y.dtype)
+    return y.view(n, oh, ow, o).permute(0, 3, 1, 2)
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """`nn.Conv2d` whose forward is `dense_conv2d` where that wins: 1x1 convs on inputs of at
+    most MAX_DENSE_PIXELS, and other kernels whose output is at most 2x2 pixels (at 4x4 -> 4x4
+    the dense matrix is 61 % zeros and was no faster) with a dense matrix of at most
+    MAX_DENSE_ENTRIES (a full-width ResNet's 2x2 stage: 2048 x 2048)."""
+
+    dense: ClassVar[bool] = True  # False: always nn.Conv2d's path (A/B in bench/small_conv.py)
+
+    def _dense_wins(self, x: torch.Tensor) -> bool:
+        h, w = x.shape[-2:]
+        if not (self.dense and x.dim() == 4 and h * w <= MAX_DENSE_PIXELS and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple)):
+            return False
+        if self.kernel_size == (1, 1) and self.padding == (0, 0):
+            return True
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_pixels = ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        entries = self.in_channels * h * w * self.out_channels * out_pixels
+        return out_pixels <= 4 and entries <= MAX_DENSE_ENTRIES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense_wins(x):
+            return dense_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ssl_lab.config import load_config
-from ssl_lab.models.small_conv import MAX_DENSE_PIXELS, SmallMapConv2d
+from ssl_lab.models.small_conv import MAX_DENSE_PIXELS, SmallMapConv2d, dense_conv2d
 from ssl_lab.runtime import autocast
 from ssl_lab.train import build
 
@@ -56,12 +56,14 @@ def small_map_convs(cfg) -> tuple[dict[tuple, tuple[SmallMapConv2d, torch.Size]]
 
 
 def time_conv(module: nn.Conv2d, shape: torch.Size, s, dense: bool) -> float:
-    SmallMapConv2d.dense = dense
+    """ms per forward + backward of nn.Conv2d's path, or of dense_conv2d (forced, so that the
+    layers where SmallMapConv2d keeps nn.Conv2d's path show why)."""
     x = torch.randn(shape, device=s.device).to(memory_format=torch.channels_last).requires_grad_()
 
     def call():
         with autocast(s.device, s.amp_dtype):
-            y = module(x)
+            y = (dense_conv2d(x, module.weight, module.bias, module.stride, module.padding)
+                 if dense else nn.Conv2d.forward(module, x))
         y.float().sum().backward()
 
     return time_it(call, repeats=10, warmup=3) * 1e3
@@ -79,14 +81,16 @@ def main() -> None:
     result: dict = {"command": " ".join(sys.argv), "layers": [], "steps": {"dense": [], "conv": []}}
     with tempfile.TemporaryDirectory() as tmp:
         convs, s = small_map_convs(load_config(None, [*base, f"run.dir={tmp}/shapes"]))
-        print("| input (N, C, H, W) | out | k | stride | nn.Conv2d ms | dense ms | speed-up |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| input (N, C, H, W) | out | k | stride | nn.Conv2d ms | dense ms | speed-up | used |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
         for key, (module, shape) in convs.items():
             conv_ms, dense_ms = time_conv(module, shape, s, False), time_conv(module, shape, s, True)
+            used = "dense" if module.uses_dense(torch.empty(shape, device="meta")) else "conv"
             result["layers"].append({"input": list(shape), "out": key[4], "kernel": key[5],
-                                     "stride": key[6], "conv_ms": conv_ms, "dense_ms": dense_ms})
+                                     "stride": key[6], "conv_ms": conv_ms, "dense_ms": dense_ms,
+                                     "used": used})
             print(f"| {tuple(shape)} | {key[4]} | {key[5]} | {key[6]} | {conv_ms:.1f} | "
-                  f"{dense_ms:.1f} | {conv_ms / dense_ms:.2f}x |")
+                  f"{dense_ms:.1f} | {conv_ms / dense_ms:.2f}x | {used} |")
         for r in range(args.repeats):
             for kind in ("conv", "dense"):
                 SmallMapConv2d.dense = kind == "dense"

@@ -67,8 +67,8 @@ def test_module_is_a_conv2d_with_its_state_dict_and_falls_back_where_dense_loses
     big = torch.randn(2, 4, 5, 5)
     assert torch.equal(small(big), plain(big)) and not calls  # 25 px > 16: nn.Conv2d's path
     wide = SmallMapConv2d(2048, 2048, 3, padding=1, bias=False, device="meta")  # 8192 x 8192
-    assert not wide._dense_wins(torch.empty(1, 2048, 2, 2, device="meta"))
-    assert SmallMapConv2d(64, 128, 1, stride=2)._dense_wins(torch.empty(1, 64, 4, 4))
+    assert not wide.uses_dense(torch.empty(1, 2048, 2, 2, device="meta"))
+    assert SmallMapConv2d(64, 128, 1, stride=2).uses_dense(torch.empty(1, 64, 4, 4))
     same_size = torch.randn(2, 4, 4, 4)  # 4x4 -> 4x4: the dense matrix would be 61 % zeros
     assert torch.equal(small(same_size), plain(same_size)) and not calls
     tiny = torch.randn(2, 4, 2, 2)

@@ -74,7 +74,7 @@ class SmallMapConv2d(nn.Conv2d):
 
     dense: ClassVar[bool] = True  # False: always nn.Conv2d's path (A/B in bench/small_conv.py)
 
-    def _dense_wins(self, x: torch.Tensor) -> bool:
+    def uses_dense(self, x: torch.Tensor) -> bool:
         h, w = x.shape[-2:]
         if not (self.dense and x.dim() == 4 and h * w <= MAX_DENSE_PIXELS and self.groups == 1
                 and self.dilation == (1, 1) and self.padding_mode == "zeros"
@@ -88,6 +88,6 @@ class SmallMapConv2d(nn.Conv2d):
         return out_pixels <= 4 and entries <= MAX_DENSE_ENTRIES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense_wins(x):
+        if self.uses_dense(x):
             return dense_conv2d(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)

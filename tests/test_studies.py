@@ -59,9 +59,13 @@ def test_per_layer_table_is_mean_and_std_over_seeds(studies, tmp_path):
 
 
 def test_studies_pin_the_defaults_they_were_run_with(studies):
-    """The default lr and eval precision moved after the studies ran; a config's own lr wins."""
+    """The default lr, eval precision and last_width moved after the studies ran; a config's
+    own lr and a run's own last_width win."""
     simclr, mv_barlow = ROOT / "configs" / "simclr.yaml", ROOT / "configs" / "multiview_barlow.yaml"
     cfg = load_config(simclr, studies.pinned_defaults(simclr))
-    assert (cfg.optim.lr, cfg.eval.precision) == (0.002, "train")
-    assert studies.pinned_defaults(mv_barlow) == ["eval.precision=train"]
+    assert (cfg.optim.lr, cfg.eval.precision, cfg.model.last_width) == (0.002, "train", 512)
+    assert studies.pinned_defaults(mv_barlow) == ["eval.precision=train", "model.last_width=512"]
     assert load_config(mv_barlow, studies.pinned_defaults(mv_barlow)).optim.lr == 0.001
+    width_run = next(r for r in studies.STUDIES["width"] if r.name == "simclr-lw2048")
+    cfg = load_config(simclr, [*studies.pinned_defaults(simclr), *width_run.overrides])
+    assert cfg.model.last_width == 2048

@@ -61,7 +61,7 @@ class ViewsConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     width: float = 0.25
-    last_width: int | None = 512  # Expand/Narrow: a wide last block probes better (docs/RESULTS.md)
+    last_width: int | None = 1024  # Expand/Narrow: a wide last block probes better (docs/RESULTS.md)
     stem: str = "small"
     projector: str = "512-512-128"
 

@@ -1,6 +1,6 @@
 """Training throughput: the full loop (data, views, probes, logging) vs the model step alone.
 
-    python bench/bench_train.py [--steps 60] [key=value ...]
+    python bench/bench_train.py [--steps 60] [--rounds 2] [key=value ...]
 
 Both are measured in the same process, same model, precision and batch: the "model-only" number
 replays one pre-made batch of views through forward + loss + backward + optimizer step, the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,22 +61,38 @@ def full_loop(cfg, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="loop runs, each bracketed by model-only runs before and after")
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    # The machine's speed drifts by more than the loop's overhead between two measurements, so
+    # each loop run is compared with the mean of the model-only runs just before and after it.
     with tempfile.TemporaryDirectory() as tmp:
         base = [*args.overrides, "eval.enabled=false", "train.log_every_steps=10",
                 "train.ckpt_every_steps=100000"]
-        ceiling = model_only(load_config(None, [*base, f"run.dir={tmp}/a"]), args.steps)
-        cfg = load_config(None, [*base, f"run.dir={tmp}/b", "train.epochs=1"])
-        cfg.train.budget_s = None
-        loop = full_loop_steps(cfg, args.steps)
-    result = {"model_only_views_per_s": ceiling, "loop_views_per_s": loop,
-              "ratio": loop / ceiling, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "overrides": args.overrides}
-    print("| model-only views/s | full loop views/s | ratio |\n|---|---|---|")
-    print(f"| {ceiling:.0f} | {loop:.0f} | {loop / ceiling:.1%} |")
+
+        def ceiling(i: int) -> float:
+            return model_only(load_config(None, [*base, f"run.dir={tmp}/a{i}"]), args.steps)
+
+        ceilings, loops = [ceiling(0)], []
+        for r in range(args.rounds):
+            cfg = load_config(None, [*base, f"run.dir={tmp}/b{r}", "train.epochs=1"])
+            cfg.train.budget_s = None
+            loops.append(full_loop_steps(cfg, args.steps))
+            ceilings.append(ceiling(r + 1))
+    ratios = [loop / ((before + after) / 2)
+              for loop, before, after in zip(loops, ceilings, ceilings[1:], strict=False)]
+    result = {"model_only_views_per_s": statistics.median(ceilings),
+              "loop_views_per_s": statistics.median(loops), "ratio": statistics.median(ratios),
+              "model_only_runs": ceilings, "loop_runs": loops, "bracketed_ratios": ratios,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(), "overrides": args.overrides}
+    print("| model-only views/s (runs) | full loop views/s (runs) | ratio to the bracketing "
+          "model-only mean (runs) |\n|---|---|---|")
+    print(f"| {result['model_only_views_per_s']:.0f} ({', '.join(f'{c:.0f}' for c in ceilings)}) | "
+          f"{result['loop_views_per_s']:.0f} ({', '.join(f'{x:.0f}' for x in loops)}) | "
+          f"{result['ratio']:.1%} ({', '.join(f'{x:.1%}' for x in ratios)}) |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

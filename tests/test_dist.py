@@ -190,9 +190,11 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Equal to float32 rounding, on the scale of the whole tensor (element-wise relative
-    tolerance fails on entries that are sums cancelling to ~0, e.g. a Linear bias before BN).
+    tolerance fails on entries that are sums cancelling to ~0, e.g. a Linear bias before BN,
+    whose true gradient is 0: what is left is rounding noise of its O(1) terms, ~1e-6, which
+    a batch-size-dependent GEMM order, as in the small-map convs' matmuls, can shift).
     In float64 the same comparisons agree to ~1e-14."""
-    atol = 1e-4 * expected.abs().max().item() + 1e-6
+    atol = 1e-4 * expected.abs().max().item() + 1e-5
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
 
 

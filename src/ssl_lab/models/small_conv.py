@@ -76,6 +76,7 @@ class SmallMapConv2d(nn.Conv2d):
     dense: ClassVar[bool] = True  # False: always nn.Conv2d's path (A/B in bench/small_conv.py)
 
     def uses_dense(self, x: torch.Tensor) -> bool:
+        """True if forward(x) takes the dense-matmul path (only x's shape matters)."""
         h, w = x.shape[-2:]
         if not (self.dense and x.dim() == 4 and h * w <= MAX_DENSE_PIXELS and self.groups == 1
                 and self.dilation == (1, 1) and self.padding_mode == "zeros"

@@ -28,9 +28,11 @@ MAX_DENSE_ENTRIES = 1 << 23  # 16 MB in bf16, rebuilt each call: caps the cost f
 
 @lru_cache(maxsize=64)
 def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-               size: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+               size: tuple[int, int], device: torch.device | None = None
+               ) -> tuple[torch.Tensor, int, int]:
     """One-hot (kh*kw, H'*W'*H*W) matrix: column (p, q) holds a 1 at the kernel tap that links
-    output pixel p to input pixel q (none when q is outside p's window), and H', W'."""
+    output pixel p to input pixel q (none when q is outside p's window), and H', W'. Cached per
+    device: a host-to-GPU copy in every forward would stall the launch queue."""
     (kh, kw), (sh, sw), (ph, pw), (h, w) = kernel, stride, padding, size
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     taps = torch.zeros(kh * kw, oh * ow, h * w)
@@ -41,7 +43,7 @@ def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[
                     iy, ix = oy * sh - ph + ky, ox * sw - pw + kx
                     if 0 <= iy < h and 0 <= ix < w:
                         taps[ky * kw + kx, oy * ow + ox, iy * w + ix] = 1.0
-    return taps.reshape(kh * kw, -1), oh, ow
+    return taps.reshape(kh * kw, -1).to(device), oh, ow
 
 
 def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -57,8 +59,7 @@ def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         y = x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1) @ weight.view(o, c).t()
         y = y if bias is None else y + bias.to(y.dtype)
         return y.permute(0, 3, 1, 2)
-    taps, oh, ow = tap_matrix((kh, kw), stride, padding, (h, w))
-    taps = taps.to(x.device)
+    taps, oh, ow = tap_matrix((kh, kw), stride, padding, (h, w), x.device)
     dense = weight.reshape(o * c, kh * kw) @ taps.to(weight.dtype)  # (o*c, p*q); autocast: bf16
     dense = dense.view(o, c, oh * ow, h * w).permute(3, 1, 2, 0).reshape(h * w * c, oh * ow * o)
     y = x.permute(0, 2, 3, 1).reshape(n, h * w * c) @ dense

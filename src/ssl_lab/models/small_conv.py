@@ -26,6 +26,13 @@ MAX_DENSE_PIXELS = 16  # input H*W up to 4x4: beyond it the dense matrix is most
 MAX_DENSE_ENTRIES = 1 << 23  # 16 MB in bf16, rebuilt each call: caps the cost for wide models
 
 
+def output_size(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                size: tuple[int, int]) -> tuple[int, int]:
+    """(H', W') of a convolution (dilation 1) on an (H, W) map."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, stride, padding,
+                                                               strict=True))
+
+
 @lru_cache(maxsize=64)
 def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                size: tuple[int, int], device: torch.device | None = None
@@ -34,7 +41,7 @@ def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[
     output pixel p to input pixel q (none when q is outside p's window), and H', W'. Cached per
     device: a host-to-GPU copy in every forward would stall the launch queue."""
     (kh, kw), (sh, sw), (ph, pw), (h, w) = kernel, stride, padding, size
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    oh, ow = output_size(kernel, stride, padding, size)
     taps = torch.zeros(kh * kw, oh * ow, h * w)
     for oy in range(oh):
         for ox in range(ow):
@@ -72,7 +79,7 @@ class SmallMapConv2d(nn.Conv2d):
     """`nn.Conv2d` whose forward is `dense_conv2d` where that wins: 1x1 convs on inputs of at
     most MAX_DENSE_PIXELS, and other kernels whose output is at most 2x2 pixels (at 4x4 -> 4x4
     the dense matrix is 61 % zeros and was no faster) with a dense matrix of at most
-    MAX_DENSE_ENTRIES (a full-width ResNet's 2x2 stage: 2048 x 2048)."""
+    MAX_DENSE_ENTRIES (a full-width ResNet-18's 2x2 stage, 2048 x 2048, fits)."""
 
     dense: ClassVar[bool] = True  # False: always nn.Conv2d's path (A/B in bench/small_conv.py)
 
@@ -85,8 +92,8 @@ class SmallMapConv2d(nn.Conv2d):
             return False
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
             return True
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        out_pixels = ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        oh, ow = output_size(self.kernel_size, self.stride, self.padding, (h, w))
+        out_pixels = oh * ow
         entries = self.in_channels * h * w * self.out_channels * out_pixels
         return out_pixels <= 4 and entries <= MAX_DENSE_ENTRIES
 

@@ -318,3 +318,18 @@ def test_channels_last_bf16_autocast(name, kw):
         feats = model.features(x, model.layer_names)
     assert tuple(out.shape) == (2, model.embed_dim) and torch.isfinite(out.float()).all()
     assert {k: v.shape[1] for k, v in feats.items()} == model.feature_dims
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("size", [2, 7])
+def test_resnet_pool_is_the_spatial_mean_in_values_and_gradients(dtype, memory_format, size):
+    from ssl_lab.models.resnet import pool
+
+    x = (torch.randn(5, 6, size, size) * 3).to(dtype).to(memory_format=memory_format)
+    g = torch.randn(5, 6).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = pool(a), b.mean(dim=(2, 3))
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)

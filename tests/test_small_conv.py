@@ -53,6 +53,12 @@ def test_dense_conv_equals_the_definition_values_and_gradients(kernel, stride, p
     refs = torch.autograd.grad((want * g).sum(), [x, w, *([b] if bias else [])])
     for a, r in zip(grads, refs, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    # layouts the rest of a channels_last network expects from the tap-matrix path: output
+    # channels_last, the input's gradient in the input's layout, the weight's gradient contiguous
+    if channels_last and kernel > 1 and got.shape[-2:] != (1, 1):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert grads[1].is_contiguous()
 
 
 def test_module_is_a_conv2d_with_its_state_dict_and_falls_back_where_dense_loses(monkeypatch):

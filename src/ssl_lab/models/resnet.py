@@ -114,9 +114,26 @@ def stage_planes(width: float) -> list[int]:
     return [max(1, round(base * width)) for base in (64, 128, 256, 512)]
 
 
+class _SpatialMean(torch.autograd.Function):
+    """x.mean((2, 3)) whose backward hands back a broadcast view of grad / (H*W). The built-in
+    backward materialises that tensor in NCHW order; against a channels_last activation the
+    next op (the last ReLU's backward) then runs a mixed-layout loop about 2x slower. Values
+    and gradients are bit for bit the built-in's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.shape
+        return (grad / (h * w))[:, :, None, None].expand(n, c, h, w)
+
+
 def pool(x: torch.Tensor) -> torch.Tensor:
-    # mean over H, W: (N, C); works for any memory format (no .view on conv outputs)
-    return x.mean(dim=(2, 3))
+    """Mean over H, W: (N, C), for any memory format (no .view on conv outputs)."""
+    return _SpatialMean.apply(x)
 
 
 class ResNet(Backbone):

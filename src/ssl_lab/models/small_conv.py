@@ -35,30 +35,64 @@ def output_size(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple
 
 @lru_cache(maxsize=64)
 def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-               size: tuple[int, int], device: torch.device | None = None
-               ) -> tuple[torch.Tensor, int, int]:
-    """One-hot (kh*kw, H'*W'*H*W) matrix: column (p, q) holds a 1 at the kernel tap that links
-    output pixel p to input pixel q (none when q is outside p's window), and H', W'. Cached per
-    device: a host-to-GPU copy in every forward would stall the launch queue."""
+               size: tuple[int, int], device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int, int]:
+    """One-hot (H*W*H'*W', kh*kw) matrix: row (q, p) holds a 1 at the kernel tap that links
+    input pixel q to output pixel p (none when q is outside p's window), and H', W'. Cached per
+    device and dtype: a host-to-GPU copy in every forward would stall the launch queue."""
     (kh, kw), (sh, sw), (ph, pw), (h, w) = kernel, stride, padding, size
     oh, ow = output_size(kernel, stride, padding, size)
-    taps = torch.zeros(kh * kw, oh * ow, h * w)
+    taps = torch.zeros(h * w, oh * ow, kh * kw)
     for oy in range(oh):
         for ox in range(ow):
             for ky in range(kh):
                 for kx in range(kw):
                     iy, ix = oy * sh - ph + ky, ox * sw - pw + kx
                     if 0 <= iy < h and 0 <= ix < w:
-                        taps[ky * kw + kx, oy * ow + ox, iy * w + ix] = 1.0
-    return taps.reshape(kh * kw, -1).to(device), oh, ow
+                        taps[iy * w + ix, oy * ow + ox, ky * kw + kx] = 1.0
+    return taps.reshape(-1, kh * kw).to(device, dtype), oh, ow
+
+
+class _Transpose(torch.autograd.Function):
+    """a.t().contiguous() for a 2-D tensor, with the same in backward. Both directions take
+    torch's cache-blocked 2-D transpose copy; autograd's own backward of `.t().contiguous()`
+    leaves a transposed gradient that a generic strided copy later makes contiguous (~4x
+    slower for a 1024 x 1152 weight)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        return a.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.t().contiguous()
+
+
+class _NCHW(torch.autograd.Function):
+    """x.contiguous() (NCHW) whose gradient goes back in x's own layout: a channels_last
+    network would otherwise get an NCHW gradient here and run the preceding ReLU and BN
+    backward as mixed-layout loops (~3x slower than one copy back)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last)
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
 
 
 def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding)` (groups 1, dilation 1) as one matmul.
 
-    Rows of the dense matrix are ordered (input pixel, channel) and columns (output pixel,
-    channel), so a channels_last input is read and the output written without a copy.
+    Rows of the dense matrix are ordered (channel, input pixel), i.e. an NCHW input flattened,
+    and columns (output pixel, channel), so the output comes out channels_last. That order lets
+    the matrix be built as tap-matrix @ weight with the weight's output channels innermost: one
+    blocked transpose of the (small) weight instead of a strided permute of the (large) dense
+    matrix, which had cost more than the matmuls themselves on the widest layer.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -66,10 +100,13 @@ def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         y = x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1) @ weight.view(o, c).t()
         y = y if bias is None else y + bias.to(y.dtype)
         return y.permute(0, 3, 1, 2)
-    taps, oh, ow = tap_matrix((kh, kw), stride, padding, (h, w), x.device)
-    dense = weight.reshape(o * c, kh * kw) @ taps.to(weight.dtype)  # (o*c, p*q); autocast: bf16
-    dense = dense.view(o, c, oh * ow, h * w).permute(3, 1, 2, 0).reshape(h * w * c, oh * ow * o)
-    y = x.permute(0, 2, 3, 1).reshape(n, h * w * c) @ dense
+    w2 = weight.reshape(o, c * kh * kw)
+    if torch.is_autocast_enabled(x.device.type):  # cast before the transpose: half the bytes
+        w2 = w2.to(torch.get_autocast_dtype(x.device.type))
+    w_cto = _Transpose.apply(w2).view(c, kh * kw, o)
+    taps, oh, ow = tap_matrix((kh, kw), stride, padding, (h, w), x.device, w_cto.dtype)
+    dense = torch.matmul(taps, w_cto)  # (c, q*p, o): the dense matrix, rows (c, q), cols (p, o)
+    y = _NCHW.apply(x).view(n, c * h * w) @ dense.view(c * h * w, oh * ow * o)
     if bias is not None:
         y = y.view(n, oh * ow, o) + bias.to(y.dtype)
     return y.view(n, oh, ow, o).permute(0, 3, 1, 2)

@@ -55,6 +55,7 @@ PROJ_DIMS = (16, 256)
 # settings (bit-exact numbers need commit 6cec663: session 7 changed the small-map convs). A
 # config file's own value and a scale or run override still win.
 STUDY_DEFAULTS = {"optim.lr": 0.002, "eval.precision": "train", "model.last_width": 512}
+IMAGE_SIZES = {"fashion-mnist": 28}  # for the view-size pin of study_config
 NO_BASELINES = ("eval.baselines=false",)  # their random-init floor is the SimCLR architecture's
 
 
@@ -161,14 +162,27 @@ def eval_tag(overrides: tuple[str, ...], cfg_path: Path) -> str:
     return dataset_tag(cfg.data.name, cfg.data.target)
 
 
-def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
+def study_config(run: Run, out: Path, scale: tuple[str, ...]):
+    """The run's config: its YAML, the pinned defaults, the scale, its overrides, and views at
+    the image size wherever `views.size=0` now means a smaller default (Fashion-MNIST: 20 px
+    since session 8; every study ran with 28-px views)."""
     from ssl_lab.config import load_config
+    from ssl_lab.data.sources import VIEW_SIZES
+
+    path = ROOT / "configs" / f"{run.config}.yaml"
+    overrides = [*pinned_defaults(path), *scale, *run.overrides, f"run.dir={out / run.name}"]
+    cfg = load_config(path, overrides)
+    if cfg.views.size == 0 and cfg.data.name in VIEW_SIZES:
+        cfg = load_config(path, [*overrides, f"views.size={IMAGE_SIZES[cfg.data.name]}"])
+    return cfg
+
+
+def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
     from ssl_lab.eval.run import evaluate_run
     from ssl_lab.sweep import run_point
 
     run_dir = out / run.name
-    path = ROOT / "configs" / f"{run.config}.yaml"
-    cfg = load_config(path, [*pinned_defaults(path), *scale, *run.overrides, f"run.dir={run_dir}"])
+    cfg = study_config(run, out, scale)
     failure = run_point(run.name, cfg, run_dir, "[study]", _train)
     if failure or not (run_dir / "summary.json").is_file():
         return

@@ -47,8 +47,9 @@ def encoder_stage(run: Path, scale: int, threads: int) -> None:
         f"run.dir={run}", f"resume={str(resume).lower()}", "seed=0",
         "data.name=fashion-mnist", f"data.fraction={min(1.0, 0.25 * scale)}",
         f"train.epochs={3 * scale}", f"train.threads={threads}", "train.ckpt_every_steps=100",
-        # the lr and last_width defaults of the documented run (the main job's have moved since)
-        "optim.lr=0.002", "model.last_width=512", "eval.enabled=false"]))
+        # the lr, last_width and view-size defaults of the documented run (the main job's have
+        # moved since)
+        "optim.lr=0.002", "model.last_width=512", "views.size=28", "eval.enabled=false"]))
 
 
 def rcdm_overrides(scale: int, threads: int) -> list[str]:

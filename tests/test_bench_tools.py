@@ -93,3 +93,13 @@ def test_loader_chart_replots_a_saved_result_without_benchmarking(tmp_path, monk
                                       "--plot", str(tmp_path / "chart.png")])
     bench_loader.main()
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ab_src_measures_the_tree_it_names_and_refuses_another(tmp_path, monkeypatch):
+    ab = _bench("ab_src", monkeypatch)
+    overrides = [o for o in tiny_run_overrides(tmp_path / "unused") if not o.startswith("run.dir")]
+    assert ab.measure(ROOT / "src", 2, overrides) > 0
+    import pytest
+
+    with pytest.raises(SystemExit, match="not from"):  # no ssl_lab there: the child imports the
+        ab.measure(tmp_path, 2, overrides)  # installed one, which is not the tree asked for

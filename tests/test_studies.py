@@ -69,3 +69,11 @@ def test_studies_pin_the_defaults_they_were_run_with(studies):
     width_run = next(r for r in studies.STUDIES["width"] if r.name == "simclr-lw2048")
     cfg = load_config(simclr, [*studies.pinned_defaults(simclr), *width_run.overrides])
     assert cfg.model.last_width == 2048
+    # views at the image size, as the studies ran: 28 px on Fashion-MNIST (whose default view
+    # size is now 20), the dataset's own size (views.size=0) elsewhere
+    cfg = studies.study_config(width_run, ROOT / "runs" / "unused", ())
+    assert (cfg.data.name, cfg.views.size, cfg.model.last_width) == ("fashion-mnist", 28, 2048)
+    shapes_runs = [r for runs in studies.STUDIES.values() for r in runs
+                   if any(o.startswith("data.name=shapes") for o in r.overrides)]
+    assert shapes_runs and all(studies.study_config(r, ROOT / "runs" / "unused", ()).views.size == 0
+                               for r in shapes_runs)

@@ -34,13 +34,13 @@ def cmd_views(ns: argparse.Namespace) -> None:
 
     from ssl_lab.config import load_config
     from ssl_lab.data.views import ViewGenerator, save_view_grid
-    from ssl_lab.train import load_training_data
+    from ssl_lab.train import load_training_data, view_size
 
     path, overrides = split_config_args(ns.args)
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
     images = torch.from_numpy(data.train.images[: ns.n])
-    views = ViewGenerator(cfg.views.recipe, cfg.views.size or data.image_size, cfg.views.n,
+    views = ViewGenerator(cfg.views.recipe, view_size(cfg, data), cfg.views.n,
                           noise_std=cfg.views.noise_std, fast=cfg.views.fast)
     out = views(images, torch.Generator().manual_seed(cfg.seed))
     print(f"views: {save_view_grid(images, out, ns.out, n=ns.n)}")

@@ -23,7 +23,7 @@ from ssl_lab import dist, runtime
 from ssl_lab.config import Config, save_config
 from ssl_lab.data.loader import BatchLoader
 from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
-from ssl_lab.data.sources import DatasetSplits, load_dataset
+from ssl_lab.data.sources import DatasetSplits, default_view_size, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
 from ssl_lab.errors import UserError
 from ssl_lab.eval.metrics import rankme
@@ -53,6 +53,11 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     sample = images[:: max(1, len(images) // 10000)].astype(np.float32) / 255.0
     flat = sample.reshape(-1, sample.shape[-1])
     return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
+
+
+def view_size(cfg: Config, data: DatasetSplits) -> int:
+    """`views.size`, or for 0 the dataset's default view size (data.sources.VIEW_SIZES)."""
+    return cfg.views.size or default_view_size(data.name, data.image_size)
 
 
 def load_training_data(cfg: Config) -> DatasetSplits:
@@ -121,7 +126,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
     run_dir = _agreed_run_dir(cfg, info)
     data = load_training_data(cfg)
-    size = cfg.views.size or data.image_size
+    size = view_size(cfg, data)
     views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std,
                           fast=cfg.views.fast)
     small_views = _small_view_generator(cfg, size, views.recipe.fast)

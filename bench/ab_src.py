@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     runs: dict[str, list[float]] = {"a": [], "b": []}
     for r in range(args.rounds):
         for key in ("a", "b") if r % 2 == 0 else ("b", "a"):  # alternate who goes first

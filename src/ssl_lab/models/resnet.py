@@ -117,7 +117,7 @@ def stage_planes(width: float) -> list[int]:
 class _SpatialMean(torch.autograd.Function):
     """x.mean((2, 3)) whose backward hands back a broadcast view of grad / (H*W). The built-in
     backward materialises that tensor in NCHW order; against a channels_last activation the
-    next op (the last ReLU's backward) then runs a mixed-layout loop about 2x slower. Values
+    next op (the last ReLU's backward) then runs a slow mixed-layout loop. Values
     and gradients are bit for bit the built-in's."""
 
     @staticmethod

@@ -56,8 +56,8 @@ def tap_matrix(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[
 class _Transpose(torch.autograd.Function):
     """a.t().contiguous() for a 2-D tensor, with the same in backward. Both directions take
     torch's cache-blocked 2-D transpose copy; autograd's own backward of `.t().contiguous()`
-    leaves a transposed gradient that a generic strided copy later makes contiguous (~4x
-    slower for a 1024 x 1152 weight)."""
+    leaves a transposed gradient that a generic strided copy later makes contiguous, several
+    times slower on the widest layer's weight."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class _Transpose(torch.autograd.Function):
 class _NCHW(torch.autograd.Function):
     """x.contiguous() (NCHW) whose gradient goes back in x's own layout: a channels_last
     network would otherwise get an NCHW gradient here and run the preceding ReLU and BN
-    backward as mixed-layout loops (~3x slower than one copy back)."""
+    backward as mixed-layout loops, slower than one copy back."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

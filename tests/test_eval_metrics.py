@@ -35,6 +35,21 @@ def test_standardize_uses_train_statistics_only():
     assert s_other.mean(0).abs().min() > 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_linear_probe_standardises_into_the_transposed_layout_bit_for_bit(dtype):
+    """The probe's memory-saving path (no (N, D) standardised copy) is `standardize` exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9000, 7, generator=g) * torch.tensor([1.0, 2, 5, 0.1, 3, 1, 1]) + 3.0
+    x[:, 5] = 2.0  # a constant column: only centred
+    x = (x > 3.0) if dtype == torch.bool else x
+    train, val, test = x[:6000], x[6000:7000], x[7000:]
+    xt, xva, xte, rows = M._standardize_transposed(train, val, test)
+    s_train, s_val, s_test = M.standardize(train, val, test)
+    assert xt.is_contiguous() and torch.equal(xt, s_train.T)
+    assert torch.equal(xva, s_val) and torch.equal(xte, s_test)
+    assert torch.equal(rows, s_train[:: max(1, 6000 // M._COV_ROWS)])
+
+
 def test_standardize_constant_train_column_is_only_centred():
     train = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
     other = torch.tensor([[1.0, 5.0]])

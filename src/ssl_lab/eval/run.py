@@ -96,14 +96,19 @@ def extract_features(encoder: Encoder, images: np.ndarray, layers: list[str], ba
                      ) -> dict[str, torch.Tensor]:
     """All requested layers in one forward pass per batch; float32 CPU tensors (N, C)."""
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    # Written into preallocated tensors, not concatenated from per-batch chunks: chunks + their
+    # concatenation held every layer's features twice at the evaluation's memory peak.
+    out: dict[str, torch.Tensor] = {}
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
         batch = torch.from_numpy(images[start:start + batch_size]).to(device)
         with autocast(device, amp_dtype):
             feats = encoder.features(to_model_input(batch, encoder.in_chans, encoder.image_size), layers)
         for name in layers:
-            chunks[name].append(feats[name].float().cpu())
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
+            f = feats[name]
+            if name not in out:  # widths from the first real batch
+                out[name] = torch.empty(len(images), *f.shape[1:], dtype=torch.float32)
+            out[name][start:start + len(f)].copy_(f)
+    return out
 
 
 def features_by_split(encoder: Encoder, data: DatasetSplits, layers: list[str], batch_size: int,

@@ -103,3 +103,20 @@ def test_ab_src_measures_the_tree_it_names_and_refuses_another(tmp_path, monkeyp
 
     with pytest.raises(SystemExit, match="not from"):  # no ssl_lab there: the child imports the
         ab.measure(tmp_path, 2, overrides)  # installed one, which is not the tree asked for
+
+
+def test_eval_memory_reports_every_step_and_the_run_still_evaluates(tmp_path, monkeypatch, capsys):
+    mem = _bench("eval_memory", monkeypatch)
+    run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
+    monkeypatch.setattr(sys, "argv", ["eval_memory.py", str(run), "eval.baselines=false"])
+    # main() swaps these for printing wrappers; registering them here restores them afterwards
+    for module, names in ((mem.metrics, ("linear_probe", "knn_classify", "rankme", "zero_fraction")),
+                          (mem.run, ("features_by_split", "evaluate_encoder", "pixel_baseline"))):
+        for name in names:
+            monkeypatch.setattr(module, name, getattr(module, name))
+    mem.main()
+    lines = capsys.readouterr().out.splitlines()
+    layers = json.loads((run / "eval.json").read_text())["layers"]
+    assert sum(line.startswith("knn_classify(") for line in lines) == len(layers)
+    assert sum(line.startswith("linear_probe(") for line in lines) == 2 * len(layers)  # + binarised
+    assert lines[-1].startswith("end: rss ") and " MB, peak " in lines[-1]

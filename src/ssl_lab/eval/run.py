@@ -98,16 +98,13 @@ def extract_features(encoder: Encoder, images: np.ndarray, layers: list[str], ba
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
     # Written into preallocated tensors, not concatenated from per-batch chunks: chunks + their
     # concatenation held every layer's features twice at the evaluation's memory peak.
-    out: dict[str, torch.Tensor] = {}
+    out = {name: torch.empty(len(images), encoder.feature_dims[name]) for name in layers}
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
         batch = torch.from_numpy(images[start:start + batch_size]).to(device)
         with autocast(device, amp_dtype):
             feats = encoder.features(to_model_input(batch, encoder.in_chans, encoder.image_size), layers)
         for name in layers:
-            f = feats[name]
-            if name not in out:  # widths from the first real batch
-                out[name] = torch.empty(len(images), *f.shape[1:], dtype=torch.float32)
-            out[name][start:start + len(f)].copy_(f)
+            out[name][start:start + len(batch)].copy_(feats[name])
     return out
 
 

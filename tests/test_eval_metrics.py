@@ -208,6 +208,26 @@ def test_topk_with_many_ties_equals_a_stable_sort():
         assert torch.equal(idx.sort(dim=1).values, ref_idx[:, :k].sort(dim=1).values)
 
 
+
+@pytest.mark.parametrize("width", [5000, 5013])  # a multiple of the block width, and a tail
+def test_block_pruned_topk_equals_a_stable_sort(width):
+    """Wide rows go through the block-maxima pruning: the kept values and indices must still
+    be exactly a stable sort's, with ties inside, across and at the edge of the kept blocks."""
+    g = torch.Generator().manual_seed(10)
+    k = 20
+    sim = torch.rand(60, width, generator=g)
+    sim[:20] = (sim[:20] * 40).round() / 40  # 41 values: heavy ties, block maxima tie too
+    sim[20:30, -5:] = 2.0  # the largest values sit in the last columns (tail, if any)
+    row = sim[30:40]
+    top = row.topk(k, dim=1).values[:, -1:]
+    row[:, ::97] = top  # the k-th value repeated in many blocks
+    assert M._block_candidates(sim, k) is not None  # the pruned path is the one under test
+    ref_vals, ref_idx = sim.sort(dim=1, descending=True, stable=True)
+    vals, idx = M._topk_lowest_index_ties(sim, k)
+    assert torch.equal(vals, ref_vals[:, :k])
+    assert torch.equal(idx.sort(dim=1).values, ref_idx[:, :k].sort(dim=1).values)
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_zero_fraction():
     x = torch.tensor([[0.0, 1.0, -2.0, 0.0], [3.0, 0.0, 1e-30, 4.0]])

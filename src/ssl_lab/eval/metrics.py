@@ -36,16 +36,18 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
     <= eps is only centred: dividing by ~0 would blow up its val/test values, which may
     differ from the constant seen in train.
     """
-    train, mean, std = _train_stats(train, eps)
+    _, mean, std = _train_stats(train, eps)
     return tuple((x.float() - mean) / std for x in (train, *others))
 
 
 def _train_stats(train: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """train as float32, its column means and its column stds (1 where <= eps)."""
+    """train as float32 and transposed, (D, N) contiguous, its column means and its column
+    stds (1 where <= eps). The std is taken over the rows of the transposed copy: torch's
+    std over dim 0 of the (N, D) matrix is ~3x slower (~0.9 s at 54k x 1024 on 2 cores)."""
     train = train.float()
-    mean = train.mean(0)
-    std = train.std(0, correction=0)
-    return train, mean, torch.where(std > eps, std, torch.ones_like(std))
+    train_t = train.t().contiguous()  # torch's cache-blocked 2-D transpose copy
+    std = train_t.std(1, correction=0)
+    return train_t, train.mean(0), torch.where(std > eps, std, torch.ones_like(std))
 
 
 def _accuracy(pred: Tensor, y: Tensor) -> float:
@@ -163,10 +165,9 @@ def _standardize_transposed(train: Tensor, val: Tensor, test: Tensor
     """`standardize(train, val, test)` with train returned transposed, (D, N), plus the
     standardised train rows H0 is estimated from. The same values bit for bit, but neither the
     (N, D) standardised train matrix nor its temporary is allocated (~440 MB at 54k x 1024)."""
-    trainf, mean, std = _train_stats(train)
-    xt = trainf.new_empty(trainf.shape[::-1])  # contiguous (D, N): the GEMMs' layout
-    torch.sub(trainf.T, mean[:, None], out=xt).div_(std[:, None])
-    rows = (trainf[:: max(1, len(trainf) // _COV_ROWS)] - mean) / std
+    xt, mean, std = _train_stats(train)
+    rows = (train[:: max(1, len(train) // _COV_ROWS)].float() - mean) / std
+    xt.sub_(mean[:, None]).div_(std[:, None])  # contiguous (D, N): the GEMMs' layout
     return xt, (val.float() - mean) / std, (test.float() - mean) / std, rows
 
 

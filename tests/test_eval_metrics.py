@@ -50,6 +50,26 @@ def test_linear_probe_standardises_into_the_transposed_layout_bit_for_bit(dtype)
     assert torch.equal(rows, s_train[:: max(1, 6000 // M._COV_ROWS)])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_stats_are_torchs_column_stats_bit_for_bit(threads):
+    """The probe takes the std over the rows of a transposed copy (faster); it must be the
+    same bits as torch's std over dim 0, so that earlier results still reproduce."""
+    g = torch.Generator().manual_seed(11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, d in ((5400, 64), (3000, 7), (2000, 300)):
+            x = torch.randn(n, d, generator=g) * torch.rand(d, generator=g) * 5 + 1
+            for feats in (x, (x > 1).float()):
+                xt, mean, std = M._train_stats(feats)
+                assert torch.equal(xt, feats.t()) and xt.is_contiguous()
+                assert torch.equal(mean, feats.mean(0))
+                ref = feats.std(0, correction=0)
+                assert torch.equal(std, torch.where(ref > 1e-6, ref, torch.ones_like(ref)))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_standardize_constant_train_column_is_only_centred():
     train = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
     other = torch.tensor([[1.0, 5.0]])
@@ -206,7 +226,6 @@ def test_topk_with_many_ties_equals_a_stable_sort():
         assert torch.equal(vals, ref_vals[:, :k])
         # the kept set must match; the order among equal values above the k-th is topk's
         assert torch.equal(idx.sort(dim=1).values, ref_idx[:, :k].sort(dim=1).values)
-
 
 
 @pytest.mark.parametrize("width", [5000, 5013])  # a multiple of the block width, and a tail

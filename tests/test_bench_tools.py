@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_run_overrides
 
 from ssl_lab.config import load_config
@@ -99,8 +100,6 @@ def test_ab_src_measures_the_tree_it_names_and_refuses_another(tmp_path, monkeyp
     ab = _bench("ab_src", monkeypatch)
     overrides = [o for o in tiny_run_overrides(tmp_path / "unused") if not o.startswith("run.dir")]
     assert ab.measure(ROOT / "src", 2, overrides) > 0
-    import pytest
-
     with pytest.raises(SystemExit, match="not from"):  # no ssl_lab there: the child imports the
         ab.measure(tmp_path, 2, overrides)  # installed one, which is not the tree asked for
 

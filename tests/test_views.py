@@ -162,6 +162,42 @@ def test_crop_resize_matches_bilinear_interpolate_of_the_box() -> None:
         torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
 
 
+def test_antialiased_crops_match_interpolate_with_antialias_then_flip() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 28, 28, 1), generator=g, dtype=torch.uint8)  # sharp
+    boxes = torch.tensor([[0, 0, 28, 28], [2, 3, 20, 25], [5, 7, 6, 9], [1, 0, 27, 14]])
+    flip = torch.tensor([False, True, False, True])
+    recipe = Recipe(name="crop", crop_scale=(0.1, 1.0), antialias=True)
+    out = ViewGenerator(recipe, 12, 1).replay(images, [{"crop": boxes, "flip": flip}])[0]
+    plain = ViewGenerator(replace(recipe, antialias=False), 12, 1).replay(
+        images, [{"crop": boxes, "flip": flip}])[0]
+    x = as_float(images)
+    for i, (t, l, h, w) in enumerate(boxes.tolist()):
+        ref = F.interpolate(x[i:i + 1, :, t:t + h, l:l + w], size=(12, 12), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+        ref = ref.flip(-1) if flip[i] else ref
+        torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
+        if h > 12:  # shrinking crops of a noisy image: antialiasing must change them
+            assert (out[i] - plain[i]).abs().max() > 0.05
+        else:  # a crop that grows is plain bilinear either way
+            torch.testing.assert_close(out[i], plain[i], atol=2e-6, rtol=0)
+
+
+def test_crop_min_scale_and_antialias_reach_the_recipe_from_the_config() -> None:
+    cfg = load_config(None, ["views.crop_min_scale=0.35", "views.antialias=true"])
+    r = get_recipe(cfg.views.recipe, size=20, **cfg.views.recipe_options())
+    assert r.crop_scale == (0.35, 1.0) and r.antialias
+    assert get_recipe("simclr", size=224, crop_min_scale=0.35).crop_scale == (0.35, 1.0)
+    assert get_recipe("simclr").crop_scale == (0.2, 1.0) and not get_recipe("simclr").antialias
+    _, _, params = make(smooth_images(n=256, size=32), r, n_views=1)
+    top, left, h, w = params[0]["crop"].T.float()
+    assert (h * w / 32**2).min() > 0.33
+    with pytest.raises(UserError, match="does not crop"):
+        get_recipe("noise", crop_min_scale=0.3)
+    with pytest.raises(UserError, match="crop_min_scale"):
+        load_config(None, ["views.crop_min_scale=0"])
+
+
 def test_sampled_crop_boxes_respect_scale_and_ratio() -> None:
     images = smooth_images(n=256, size=64)
     r = get_recipe("simclr")

@@ -33,15 +33,16 @@ def cmd_views(ns: argparse.Namespace) -> None:
     import torch
 
     from ssl_lab.config import load_config
-    from ssl_lab.data.views import ViewGenerator, save_view_grid
+    from ssl_lab.data.views import ViewGenerator, get_recipe, save_view_grid
     from ssl_lab.train import load_training_data, view_size
 
     path, overrides = split_config_args(ns.args)
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
     images = torch.from_numpy(data.train.images[: ns.n])
-    views = ViewGenerator(cfg.views.recipe, view_size(cfg, data), cfg.views.n,
-                          noise_std=cfg.views.noise_std, fast=cfg.views.fast)
+    size = view_size(cfg, data)
+    views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
+                          size, cfg.views.n)
     out = views(images, torch.Generator().manual_seed(cfg.seed))
     print(f"views: {save_view_grid(images, out, ns.out, n=ns.n)}")
 

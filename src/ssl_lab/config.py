@@ -49,12 +49,21 @@ class ViewsConfig:
     small_n: int = 0  # multi-crop: extra small views per image (SwAV-style), 0 = off
     small_size: int = 0  # their size in pixels (0 = half the view size, at least 8)
     small_scale: float = 0.4  # their crops cover (0.05, small_scale) of the image
+    # the crops' smallest area fraction (null = the recipe's: 0.2, or 0.08 above 64 px)
+    crop_min_scale: float | None = None
+    # shrinking crops low-pass filtered as torchvision >= 0.17 and PIL do (false: plain bilinear)
+    antialias: bool = False
     # progressive resolution (FFCV-SSL): views grow from min_size (0 = off) to the view size
     # between epochs ramp_start and ramp_end (null = the last epoch), in multiples of size_step
     min_size: int = 0
     ramp_start: int = 0
     ramp_end: int | None = None
     size_step: int = 8
+
+    def recipe_options(self) -> dict:
+        """The keyword arguments of `data.views.get_recipe` that this section sets."""
+        return {"noise_std": self.noise_std, "fast": self.fast,
+                "crop_min_scale": self.crop_min_scale, "antialias": self.antialias}
 
 
 @dataclass
@@ -329,6 +338,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
     if cfg.views.n < 2:
         raise UserError(f"views.n must be >= 2 (joint-embedding SSL compares views), got {cfg.views.n}")
+    if cfg.views.crop_min_scale is not None and not 0 < cfg.views.crop_min_scale <= 1:
+        raise UserError(f"views.crop_min_scale must be in (0, 1], got {cfg.views.crop_min_scale}")
     if not 0.05 < cfg.views.small_scale <= 1:
         raise UserError(f"views.small_scale must be in (0.05, 1], got {cfg.views.small_scale}")
     if not 0 < cfg.data.fraction <= 1:

@@ -164,7 +164,7 @@ def check_names(cfg: Config) -> None:
         raise UserError(f"unknown model.backbone {cfg.model.backbone!r}; choose one of "
                         f"{', '.join(BACKBONES)}")
     parse_projector_spec(cfg.model.projector)
-    get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
+    get_recipe(cfg.views.recipe, **cfg.views.recipe_options())
     resolve_precision(cfg.train.precision, pick_device())
 
 

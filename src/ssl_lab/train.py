@@ -123,12 +123,12 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     device = info.device
     amp_dtype = resolve_precision(cfg.train.precision, device)
     method = get_method(cfg.method.name)  # fail on bad names before loading anything
-    get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std)
+    get_recipe(cfg.views.recipe, **cfg.views.recipe_options())
     run_dir = _agreed_run_dir(cfg, info)
     data = load_training_data(cfg)
     size = view_size(cfg, data)
-    views = ViewGenerator(cfg.views.recipe, size, cfg.views.n, noise_std=cfg.views.noise_std,
-                          fast=cfg.views.fast)
+    views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
+                          size, cfg.views.n)
     small_views = _small_view_generator(cfg, size, views.recipe.fast)
     batch_size = min(cfg.optim.batch_size, len(data.train.images))
     per_rank = dist.per_rank_batch(batch_size, info.world_size)
@@ -185,7 +185,7 @@ def _small_view_generator(cfg: Config, size: int, fast: bool) -> ViewGenerator |
     the same kind (fast or exact) as the large views."""
     if not cfg.views.small_n:
         return None
-    recipe = get_recipe(cfg.views.recipe, noise_std=cfg.views.noise_std, fast=fast)
+    recipe = get_recipe(cfg.views.recipe, **{**cfg.views.recipe_options(), "fast": fast})
     if recipe.crop_scale is not None:
         recipe = replace(recipe, crop_scale=(0.05, cfg.views.small_scale))
     small_size = cfg.views.small_size or max(8, size // 2)

@@ -102,6 +102,34 @@ def crop_flip_resize(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def crop_flip_resize_antialiased(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
+                                 size: int) -> torch.Tensor:
+    """`crop_flip_resize` with antialiasing: equals cutting the box out and resizing it with
+    F.interpolate(mode="bilinear", antialias=True) (PIL's bilinear filter: a triangle widened
+    by the shrink factor), then flipping. Separable, so per sample out = Ry @ crop @ Rx^T."""
+    height, width = x.shape[-2:]
+    top, left, h, w = boxes.to(torch.float32).unbind(1)
+    rows = _resample_weights(top, h, height, size)
+    cols = _resample_weights(left, w, width, size)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    return torch.matmul(torch.matmul(rows[:, None], x), cols.transpose(1, 2)[:, None])
+
+
+def _resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int
+                      ) -> torch.Tensor:
+    """(M, out_size, in_size): row i averages the source pixels of [start, start + length)
+    under a triangle of half-width max(1, length / out_size) centred on output pixel i."""
+    scale = length / out_size
+    support = scale.clamp(min=1.0)
+    ramp = torch.arange(out_size, dtype=torch.float32, device=start.device) + 0.5
+    centre = start[:, None] + ramp * scale[:, None]
+    j = torch.arange(in_size, dtype=torch.float32, device=start.device) + 0.5
+    weights = (1 - (j - centre[:, :, None]).abs() / support[:, None, None]).clamp_(min=0)
+    inside = (j >= start[:, None]) & (j < (start + length)[:, None])
+    weights = weights * inside[:, None, :]
+    return weights / weights.sum(-1, keepdim=True)
+
+
 def _axis_aligned_grid(boxes: torch.Tensor, flip: torch.Tensor, height: int, width: int,
                        size: int, out: torch.Tensor | None) -> torch.Tensor:
     # The same grid F.affine_grid builds for theta = [[sx, 0, tx], [0, sy, ty]], but built by

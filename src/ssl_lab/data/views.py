@@ -16,7 +16,9 @@ jitter and grayscale become one affine colour map per view with one clamp (DALI'
 and the blur's GEMMs run in bfloat16 where that is native (AMX CPUs, CUDA).
 Crop + flip + resize is one bilinear `grid_sample` equal to cutting the box and resizing it
 without antialiasing: exact when crops are upsampled (always at 32 px), aliased when a crop
-shrinks a lot (large images; "none"/"noise" resizes do antialias). Blur kernels are ~10% of
+shrinks a lot (large images; "none"/"noise" resizes do antialias). `Recipe.antialias` makes
+shrinking crops antialiased too (torchvision >= 0.17's default), as two batched resampling
+matmuls per view instead of the `grid_sample`. Blur kernels are ~10% of
 the output side (SimCLR's 23 px at 224; 3 px at 32), sigma ~ U(0.1, 2.0) px as torchvision.
 """
 
@@ -61,6 +63,9 @@ class Recipe:
     # fast: colour ops fused into one matrix and one clamp (augment.fused_color) and a bf16
     # blur where native; False: torchvision's clamp after every colour op and an fp32 blur
     fast: bool = False
+    # antialias: crops that shrink are low-pass filtered first (torchvision >= 0.17's default,
+    # PIL); False: plain bilinear sampling, exact for crops that grow, aliased for shrinking ones
+    antialias: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale or (0.5, 1.0)
@@ -113,12 +118,14 @@ _LARGE = 64  # above this output size, crops use ImageNet's scale range
 
 
 def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None,
-               fast: bool | None = None) -> Recipe:
+               fast: bool | None = None, crop_min_scale: float | None = None,
+               antialias: bool = False) -> Recipe:
     """The named recipe. `noise_std` is sigma of the "noise" recipe (x + sigma * eps).
 
     With `size` > 64, crop-based recipes use ImageNet's crop scale (0.08, 1) and SimCLR its
     ImageNet blur (p = 0.5); the defaults are the small-image (CIFAR-style) settings. `fast`
     (Recipe.fast) is None = by size: on above 64 px, where view making costs the most.
+    `crop_min_scale` replaces the lower bound of the crop scale; `antialias`: Recipe.antialias.
     """
     if name not in _BUILTIN:
         raise UserError(f"unknown view recipe {name!r}: use one of {', '.join(RECIPES)}")
@@ -131,9 +138,13 @@ def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None,
         recipe = replace(recipe, crop_scale=(0.08, 1.0))
         if name == "simclr":
             recipe = replace(recipe, blur_p=0.5)
+    if crop_min_scale is not None:
+        if recipe.crop_scale is None:
+            raise UserError(f"views.crop_min_scale: the {name!r} recipe does not crop")
+        recipe = replace(recipe, crop_scale=(float(crop_min_scale), recipe.crop_scale[1]))
     if fast is None:
         fast = size is not None and size > _LARGE
-    return replace(recipe, fast=bool(fast))
+    return replace(recipe, fast=bool(fast), antialias=bool(antialias))
 
 
 class ViewGenerator:
@@ -243,7 +254,10 @@ class ViewGenerator:
             if boxes is None:  # flip without crop: the full image is the box
                 boxes = A.const((0, 0, h, w), dev).expand(m, 4)
             flip = p.get("flip", torch.zeros(m, dtype=torch.bool, device=dev))
-            x = A.crop_flip_resize(src, boxes, flip, s, self._buffer("grid", (m, s, s, 2), dev))
+            if self.recipe.antialias and max(h, w) > s:  # some crops may shrink
+                x = A.crop_flip_resize_antialiased(src, boxes, flip, s)
+            else:
+                x = A.crop_flip_resize(src, boxes, flip, s, self._buffer("grid", (m, s, s, 2), dev))
         else:
             x = A.resize(A.to_float(images), s)
             x = x[None].expand(v, n, c, s, s).contiguous().view(m, c, s, s)

@@ -183,6 +183,17 @@ def test_antialiased_crops_match_interpolate_with_antialias_then_flip() -> None:
             torch.testing.assert_close(out[i], plain[i], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["simclr", "vicreg"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_antialiased_views_of_whole_recipes_replay_exactly_and_stay_in_range(name: str,
+                                                                              fast: bool) -> None:
+    images = smooth_images(n=8, size=40)
+    vg = ViewGenerator(get_recipe(name, size=24, fast=fast, antialias=True), 24, 2)
+    views, params = vg(images, gen(), return_params=True)
+    assert torch.equal(vg.replay(images, params), views)
+    assert views.min() >= 0 and views.max() <= 1 and views.shape == (2, 8, 3, 24, 24)
+
+
 def test_crop_min_scale_and_antialias_reach_the_recipe_from_the_config() -> None:
     cfg = load_config(None, ["views.crop_min_scale=0.35", "views.antialias=true"])
     r = get_recipe(cfg.views.recipe, size=20, **cfg.views.recipe_options())

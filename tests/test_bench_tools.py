@@ -32,7 +32,7 @@ def test_methods_table_fits_the_epochs_of_the_budget(tmp_path, monkeypatch):
     config = ROOT / "configs" / "simclr.yaml"
     overrides = tiny_run_overrides(tmp_path / "unused")[1:]  # all but run.dir
     cfg = load_config(config, overrides)
-    views_per_epoch = len(load_training_data(cfg).train.images) // 64 * 64 * 2
+    views_per_epoch = len(load_training_data(cfg).train.images) // 64 * 64 * cfg.views.n
     speed = views_per_epoch * 3.757 / 60  # 3.757 epochs per minute
     monkeypatch.setattr(table, "full_loop_steps", lambda cfg, steps: speed)
     out = tmp_path / "table"

@@ -135,8 +135,9 @@ def test_existing_run_dir_needs_resume(tmp_path, capsys):
 def test_multi_crop_adds_small_views_to_the_loss(tmp_path, method):
     from ssl_lab.train import build, step_generator
 
-    over = tiny_run_overrides(tmp_path / "r", **{"method.name": method, "views.small_n": 2,
-                                                 "views.small_size": 8, "eval.enabled": False})
+    over = tiny_run_overrides(tmp_path / "r", **{"method.name": method, "views.n": 2,
+                                                 "views.small_n": 2, "views.small_size": 8,
+                                                 "eval.enabled": False})
     cfg = load_config(None, over)
     s = build(cfg)
     x = torch.from_numpy(s.data.train.images[:16])

@@ -40,7 +40,7 @@ class DataConfig:
 @dataclass
 class ViewsConfig:
     recipe: str = "simclr"
-    n: int = 2
+    n: int = 4  # 4 views of 128 images beat 2 of 256 at equal cost (docs/RESULTS.md, session 10)
     size: int = 0  # 0 = the dataset's own image size
     noise_std: float = 0.1
     # fast views (Recipe.fast: one colour matrix + one clamp, bf16 blur where native);
@@ -94,17 +94,17 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # sgd | adamw | lars
-    lr: float = 4e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
+    lr: float = 8e-3  # base lr for a batch of 256: the used lr is lr * batch_size / 256
     weight_decay: float = 1e-4
-    batch_size: int = 256
-    warmup_epochs: float = 1.0
+    batch_size: int = 128  # images per step (x views.n views)
+    warmup_epochs: float = 0.5
     momentum: float = 0.9  # sgd / lars
     final_lr_frac: float = 0.001  # cosine decays to this fraction of the peak lr
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 3.0  # may be fractional: training ends after round(epochs x steps per epoch) steps
+    epochs: float = 1.5  # may be fractional: training ends after round(epochs x steps per epoch) steps
     budget_s: float | None = None  # stop (and checkpoint) once training has used this many seconds
     ckpt_every_steps: int = 500
     log_every_steps: int = 50

@@ -40,7 +40,7 @@ class DataConfig:
 @dataclass
 class ViewsConfig:
     recipe: str = "simclr"
-    n: int = 4  # 4 views of 128 images beat 2 of 256 at equal cost (docs/RESULTS.md, session 10)
+    n: int = 4  # 4 views of 128 images beat 2 of 256 at the same views per step (RESULTS, session 10)
     size: int = 0  # 0 = the dataset's own image size
     noise_std: float = 0.1
     # fast views (Recipe.fast: one colour matrix + one clamp, bf16 blur where native);

@@ -44,6 +44,7 @@ import torch
 from ssl_lab.data.loader import BatchLoader
 from ssl_lab.data.pack import PackOptions, open_store, pack
 from ssl_lab.data.views import Recipe, ViewGenerator, get_recipe
+from ssl_lab.runtime import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_views import photo_batch, write_result  # noqa: E402  (a sibling script, not a package)
@@ -232,6 +233,8 @@ def main() -> None:
         print(plot_speedups(json.loads(args.replot.read_text()), args.plot))
         return
     torch.set_num_threads(args.threads)
+    # as `ssl-lab train` does; set before the per-image DataLoader forks, so both sides have it
+    kept = keep_freed_memory()
     load_before = os.getloadavg()[0]
 
     t0 = time.perf_counter()
@@ -281,7 +284,7 @@ def main() -> None:
             "n_images": len(files), "size": args.size, "views_per_image": 2, "recipe": "simclr",
             "packing": packing, "loader_only_images_per_s": loader_only,
             "views_per_s_by_view_size": views,
-            "torch": torch.__version__,
+            "torch": torch.__version__, "keep_freed_memory": kept,
         }
         write_result(args.out, result, load_before)
         if args.plot:

@@ -56,7 +56,7 @@ def main() -> None:
     sigma = 0.1 + 1.9 * torch.rand(m)
     mask = torch.rand(m) < 0.5  # the recipe's blur p
     k = A.blur_kernel_size(args.size, full.blur_kernel_frac)
-    whole = time_it(lambda: A._blur(x.clone(), A._gauss_kernels(sigma, mask, k), work),
+    whole = time_it(lambda: A._blur(x.clone(), A.gauss_kernels(sigma, mask, k), work),
                     args.repeats, warmup=1)
     masked = time_it(lambda: A.gaussian_blur(x.clone(), sigma, mask, k, work), args.repeats,
                      warmup=1)

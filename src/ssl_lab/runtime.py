@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import os
 import platform
@@ -44,6 +45,25 @@ def _cpu_has_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
+        return False
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed blocks of up to `limit` bytes for reuse instead of unmapping them.
+
+    Why: glibc serves blocks above its mmap threshold (at most 32 MB) with a fresh mmap and
+    unmaps them on free, so every such tensor is page-faulted in again on its next allocation:
+    a fresh batch of 96-px views (56 MB) cost ~13 ms of a ~58-ms view batch on the dev machine
+    (docs/RESULTS.md). Process-wide, Linux with glibc only; returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(
+            libc.mallopt(m_trim_threshold, 2 * limit))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
 
 

@@ -248,6 +248,8 @@ class ViewGenerator:
         n, h, w, c = images.shape
         v, s, dev = self.n_views, self.size, images.device
         m = v * n
+        if self.recipe.fast and ("crop" in p or "flip" in p):
+            return self._separable(images, p).view(v, n, c, s, s)
         if "crop" in p or "flip" in p:
             src = A.to_float(images, v, out=self._buffer("src", (v, n, h, w, c), dev))
             boxes = p.get("crop")
@@ -283,12 +285,51 @@ class ViewGenerator:
             x.add_(p["noise"])
         return x.view(v, n, c, s, s)
 
-    def _buffer(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A float32 scratch tensor kept between calls: re-allocating (and page-faulting)
-        megabytes per op costs more than the op itself on CPU."""
+    def _separable(self, images: torch.Tensor, p: Params) -> torch.Tensor:
+        """Fast views (M, C, S, S): crop, flip, resize, blur and the colour map as two GEMMs per
+        view (augment.separable_views, bf16 where native), then solarize and noise."""
+        n, h, w, c = images.shape
+        v, s, dev = self.n_views, self.size, images.device
+        m = v * n
+
+        def image_major(t: torch.Tensor) -> torch.Tensor:  # view-major rows -> image-major
+            return t.view(v, n, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+        boxes = image_major(p["crop"]) if "crop" in p else A.const((0, 0, h, w), dev).expand(m, 4)
+        flip = image_major(p["flip"]) if "flip" in p else torch.zeros(m, dtype=torch.bool, device=dev)
+        blur = None
+        if "blur" in p:
+            k = A.blur_kernel_size(s, self.recipe.blur_kernel_frac)
+            blur = image_major(A.gauss_kernels(p["blur_sigma"], p["blur"], k))
+        rows, cols = A.resample_matrices(
+            boxes, flip, h, w, s, self.recipe.antialias, blur,
+            out=(self._buffer("rows", (m, s, h), dev), self._buffer("cols", (m, s, w), dev)))
+        dtype = torch.bfloat16 if A.native_bf16_matmul(dev) else torch.float32
+        src = self._buffer("src-hwc", (n, h, w * c), dev, dtype).copy_(images.view(n, h, w * c))
+        matrix = shift = None
+        if "jitter" in p or "grayscale" in p:
+            mats = A.jitter_matrices(*(image_major(p[k]) for k in JITTER_OPS), channels=c) \
+                if "jitter" in p else None
+            matrix, shift = A.color_map(
+                mats, *(image_major(p[k]) if k in p else None
+                        for k in ("contrast", "jitter_order", "grayscale")),
+                A.crop_means(src, rows, cols) if mats is not None else None, c)
+        x = A.separable_views(src, rows, cols, matrix, shift, c,
+                              lambda name, shape, dt: self._buffer(f"gemm-{name}", shape, dev, dt))
+        x = x.view(m, c, s, s)
+        if "solarize" in p:
+            A.solarize(x, p["solarize"], self.recipe.solarize_threshold)
+        if "noise" in p:
+            x.add_(p["noise"])
+        return x
+
+    def _buffer(self, name: str, shape: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A scratch tensor kept between calls: re-allocating (and page-faulting) megabytes
+        per op costs more than the op itself on CPU."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.device != device:
-            buf = self._buffers[name] = torch.empty(shape, device=device)
+        if buf is None or buf.shape != shape or buf.device != device or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(shape, device=device, dtype=dtype)
         return buf
 
 

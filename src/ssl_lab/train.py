@@ -120,6 +120,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     info = info or dist.DistInfo(0, 1, 0, pick_device())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    runtime.keep_freed_memory()  # fresh view batches are not page-faulted in every step
     device = info.device
     amp_dtype = resolve_precision(cfg.train.precision, device)
     method = get_method(cfg.method.name)  # fail on bad names before loading anything

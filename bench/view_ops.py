@@ -1,6 +1,7 @@
-"""Where view time goes at one size: the simclr recipe with ops switched off one by one, and the
-CPU blur's masked-samples path against blurring the whole batch (identity kernels where not drawn)
-and against the same path in bf16 (what fast views use where bf16 matmuls are native).
+"""Where view time goes at one size: the simclr recipe with ops switched off one by one (fast
+views also with their GEMMs in float32, i.e. where bf16 matmuls are not native), and the exact
+views' CPU blur: its masked-samples path against blurring the whole batch (identity kernels
+where not drawn) and against the same path in bf16.
 
     python bench/view_ops.py [--size 96] [--batch 128] [--threads 1] [--repeats 5]
 
@@ -18,6 +19,7 @@ import torch
 
 from ssl_lab.data import augment as A
 from ssl_lab.data.views import ViewGenerator, get_recipe
+from ssl_lab.runtime import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_views import time_it  # noqa: E402  (median seconds per call)
@@ -31,19 +33,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `ssl-lab train` does
     images = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
     full = get_recipe("simclr", size=args.size)
     variants = {"full recipe": full, "no blur": replace(full, blur_p=0.0),
                 "no jitter/grayscale": replace(full, jitter_p=0.0, grayscale_p=0.0),
                 "crop + flip only": replace(full, blur_p=0.0, jitter_p=0.0, grayscale_p=0.0)}
-    if full.fast:  # the two parts of fast views separately, and none of them
-        variants |= {"fast, fp32 blur": full, "exact (fast=False)": replace(full, fast=False)}
+    if full.fast:  # fast views with float32 GEMMs, and exact views
+        variants |= {"fast, fp32 GEMMs": full, "exact (fast=False)": replace(full, fast=False)}
     print(f"{args.size} px, {args.batch} images x 2 views per call, {args.threads} thread(s), "
           f"fast views: {full.fast}")
     native = A.native_bf16_matmul
     for name, recipe in variants.items():
-        # "fast, fp32 blur": fast colour, but the blur as where bf16 is not native
-        A.native_bf16_matmul = (lambda device: False) if name == "fast, fp32 blur" else native
+        # "fast, fp32 GEMMs": fast views as where bf16 matmuls are not native
+        A.native_bf16_matmul = (lambda device: False) if name == "fast, fp32 GEMMs" else native
         views = ViewGenerator(recipe, args.size, 2)
         gen = torch.Generator().manual_seed(0)
         s = time_it(lambda views=views, gen=gen: views(images, gen), args.repeats, warmup=1)
@@ -64,7 +67,8 @@ def main() -> None:
                   args.repeats, warmup=1)
     print(f"blur of {m} views: whole batch {1e3 * whole:.0f} ms, gaussian_blur (this size's path) "
           f"{1e3 * masked:.0f} ms, {whole / masked:.2f}x; the same in bf16 (fast views where "
-          f"native: {A.native_bf16_matmul(x.device)}) {1e3 * low:.0f} ms, {masked / low:.2f}x")
+          f"native: {A.native_bf16_matmul(x.device)}) {1e3 * low:.0f} ms, {masked / low:.2f}x "
+          "(exact views' blur; fast views fold theirs into the crop's GEMMs)")
 
 
 if __name__ == "__main__":

@@ -54,17 +54,20 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     Why: glibc serves blocks above its mmap threshold (at most 32 MB) with a fresh mmap and
     unmaps them on free, so every such tensor is page-faulted in again on its next allocation:
     a fresh batch of 96-px views (56 MB) cost ~13 ms of a ~58-ms view batch on the dev machine
-    (docs/RESULTS.md). Process-wide, Linux with glibc only; returns whether it applied.
+    (docs/data.md, "Fast views"). The heap is then trimmed only above 2 GiB of free space.
+    Process-wide, Linux with glibc only; returns whether it applied.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(
-            libc.mallopt(m_trim_threshold, 2 * limit))
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    int_max = 2**31 - 1
+    return bool(mallopt(m_mmap_threshold, min(limit, int_max))) and bool(
+        mallopt(m_trim_threshold, int_max))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

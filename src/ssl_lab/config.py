@@ -104,7 +104,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.5  # may be fractional: training ends after round(epochs x steps per epoch) steps
+    epochs: float = 2.25  # may be fractional: training ends after round(epochs x steps per epoch) steps
     budget_s: float | None = None  # stop (and checkpoint) once training has used this many seconds
     ckpt_every_steps: int = 500
     log_every_steps: int = 50

@@ -11,10 +11,10 @@ each op as torchvision does) -> grayscale -> Gaussian blur -> solarize -> Gaussi
 Hue is a rotation of the YIQ chroma plane (keeps luma; torchvision rotates HSV hue instead,
 which keeps HSV value) because it is a 3x3 matrix and so costs the same as the other ops.
 `Recipe.fast` (the default above 64 px, ImageNet-style recipes) trades that exactness for speed
-(~2.6x at 96 px, docs/data.md): jitter and grayscale become one affine colour map per view with
-one clamp (DALI's ColorTwist); with a crop or flip, crop + flip + resize + blur become two GEMMs
-per view with that colour map between them (the blur thus before the clamp), in bfloat16 where
-that is native (AMX or AVX512-BF16 CPUs, CUDA compute capability >= 8).
+(2.2x at 96 px in the loader benchmark, docs/data.md): jitter and grayscale become one affine
+colour map per view with one clamp (DALI's ColorTwist); with a crop or flip, crop + flip +
+resize + blur become two GEMMs per view with that colour map between them (the blur thus
+before the clamp), in bfloat16 where that is native (AMX or AVX512-BF16 CPUs, CUDA >= sm80).
 Crop + flip + resize is one bilinear `grid_sample` equal to cutting the box and resizing it
 without antialiasing: exact when crops are upsampled (always at 32 px), aliased when a crop
 shrinks a lot (large images; "none"/"noise" resizes do antialias). `Recipe.antialias` makes

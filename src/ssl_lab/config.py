@@ -41,9 +41,9 @@ class DataConfig:
 class ViewsConfig:
     recipe: str = "simclr"
     n: int = 4  # 4 views of 128 images beat 2 of 256 at the same views per step (RESULTS, session 10)
-    size: int = 0  # 0 = the dataset's own image size
+    size: int = 0  # 0 = the dataset's default view size (data.sources.VIEW_SIZES, else its image size)
     noise_std: float = 0.1
-    # fast views (Recipe.fast: one colour matrix + one clamp, bf16 blur where native);
+    # fast views (Recipe.fast: crop, blur and one colour matrix as bf16 GEMMs, one clamp);
     # null = by view size: on above 64 px, off at <= 64 px (every small-image result here)
     fast: bool | None = None
     small_n: int = 0  # multi-crop: extra small views per image (SwAV-style), 0 = off

@@ -16,8 +16,10 @@ once in --work (random crops of scikit-image's photos, so the JPEGs compress lik
    - ssl_lab_raw / ssl_lab_jpeg: `BatchLoader` over the store's train split (memory-mapped
      reads or PIL decodes in its prefetch thread) + `ViewGenerator("simclr")` in the main process
      with --threads torch threads; also the loader alone (no views). Above 64 px the views are
-     `fast` by default (one colour matrix + one clamp, bf16 blur where native); at 64 px and
-     above the other kind is timed too on the raw store (ssl_lab_raw_exact / ssl_lab_raw_fast);
+     `fast` by default (crop, blur and colour in two GEMMs per view, bf16 where native, one
+     clamp); at 64 px and above the other kind is timed too on the raw store
+     (ssl_lab_raw_exact / ssl_lab_raw_fast). The whole process runs with
+     `runtime.keep_freed_memory()`, as `ssl-lab train`, set before the DataLoader forks;
    - per_image_pil: a torch Dataset that does, per image, what torchvision's SimCLR transforms
      do on PIL images -- decode, random resized crop, flip, colour jitter (brightness, contrast,
      saturation, hue in random order, p=0.8), grayscale p=0.2, and above 64 px Gaussian blur

@@ -3,7 +3,7 @@ views also with their GEMMs in float32, i.e. where bf16 matmuls are not native),
 views' CPU blur: its masked-samples path against blurring the whole batch (identity kernels
 where not drawn) and against the same path in bf16.
 
-    python bench/view_ops.py [--size 96] [--batch 128] [--threads 1] [--repeats 5]
+    python bench/view_ops.py [--size 96] [--batch 128] [--threads 1] [--repeats 5] [--glibc-default]
 
 Random uint8 images of side --size, --batch images x 2 views per call, median of --repeats calls.
 """
@@ -31,9 +31,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="skip runtime.keep_freed_memory() (which `ssl-lab train` calls)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as `ssl-lab train` does
+    kept = not args.glibc_default and keep_freed_memory()
     images = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
     full = get_recipe("simclr", size=args.size)
     variants = {"full recipe": full, "no blur": replace(full, blur_p=0.0),
@@ -42,7 +44,7 @@ def main() -> None:
     if full.fast:  # fast views with float32 GEMMs, and exact views
         variants |= {"fast, fp32 GEMMs": full, "exact (fast=False)": replace(full, fast=False)}
     print(f"{args.size} px, {args.batch} images x 2 views per call, {args.threads} thread(s), "
-          f"fast views: {full.fast}")
+          f"fast views: {full.fast}, keep_freed_memory: {kept}")
     native = A.native_bf16_matmul
     for name, recipe in variants.items():
         # "fast, fp32 GEMMs": fast views as where bf16 matmuls are not native

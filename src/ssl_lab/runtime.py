@@ -53,9 +53,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
     Why: glibc serves blocks above its mmap threshold (at most 32 MB) with a fresh mmap and
     unmaps them on free, so every such tensor is page-faulted in again on its next allocation:
-    a fresh batch of 96-px views (56 MB) cost ~13 ms of a ~58-ms view batch on the dev machine
-    (docs/data.md, "Fast views"). The heap is then trimmed only above 2 GiB of free space.
-    Process-wide, Linux with glibc only; returns whether it applied.
+    512 fast 96-px views (a 56-MB batch) took 73-84 ms instead of 50-56 ms on the dev machine
+    (bench/view_ops.py --glibc-default; docs/data.md, "Fast views"). The heap is then trimmed
+    only above 2 GiB of free space. Process-wide, Linux with glibc only; returns whether it
+    applied.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -123,7 +123,7 @@ def resample_matrices(boxes: torch.Tensor, flip: torch.Tensor, height: int, widt
     built sparsely; True widens the triangle by the shrink factor as
     `crop_flip_resize_antialiased`. blur: (M, K) Gaussian taps (`gauss_kernels`) folded in as
     rows <- B @ rows and cols <- B @ cols, B the reflect-padded blur of the output. `out`:
-    zero-filled (rows, cols) buffers reused across calls (bilinear only).
+    (rows, cols) buffers reused across calls, overwritten (bilinear only).
     """
     top, left, h, w = boxes.to(torch.float32).unbind(1)
     if antialias:
@@ -137,8 +137,8 @@ def resample_matrices(boxes: torch.Tensor, flip: torch.Tensor, height: int, widt
     row_taps = _bilinear_taps(top, h, size)
     col_taps = _bilinear_taps(left, w, size)
     col_taps = tuple(torch.where(flip[:, None, None], t.flip(1), t) for t in col_taps)
-    out = out or (torch.zeros(len(boxes), size, height, device=boxes.device),
-                  torch.zeros(len(boxes), size, width, device=boxes.device))
+    out = out or (torch.empty(len(boxes), size, height, device=boxes.device),
+                  torch.empty(len(boxes), size, width, device=boxes.device))
     return tuple(_scatter_taps(*_blurred_taps(*taps, blur), into)
                  for taps, into in zip((row_taps, col_taps), out, strict=True))
 
@@ -222,8 +222,8 @@ def separable_views(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     straight from its HWC layout; the colour map is a K = C batched matmul; one transposing copy
     makes planes for the second GEMM, which resamples the columns. With the blur folded into
     rows and cols it comes before the colour map and the clamp (the exact recipe blurs after
-    them). In bf16 (where `native_bf16_matmul`) this is several times faster than grid_sample
-    plus the blur's own GEMMs, at ~3 significant digits per rounding.
+    them). In bf16 (where `native_bf16_matmul`) the whole fast recipe ran 2x the exact views at
+    96 px (bench/view_ops.py, docs/data.md), at ~3 significant digits per rounding.
     """
     n, h, wc = src.shape
     w, c = wc // channels, channels

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from ssl_lab.data.loader import BatchLoader
-from ssl_lab.data.pack import PackOptions, open_store, pack
+from ssl_lab.data.pack import PackOptions, pack
+from ssl_lab.data.store import open_store
 from ssl_lab.data.views import Recipe, ViewGenerator, get_recipe
 from ssl_lab.runtime import keep_freed_memory
 

@@ -24,7 +24,7 @@ from torch import nn
 from ssl_lab.config import load_config
 from ssl_lab.models.small_conv import MAX_DENSE_PIXELS, SmallMapConv2d, dense_conv2d
 from ssl_lab.runtime import autocast
-from ssl_lab.train import build
+from ssl_lab.train_setup import build
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import model_only  # noqa: E402

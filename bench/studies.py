@@ -1,4 +1,4 @@
-"""The layer / width / cheap-SSL studies of papers.md §1, §2, §3 and §6 (issues #4 and #5).
+"""The layer / width / cheap-SSL studies (docs/RESULTS.md, "Studies"; tables in docs/studies/).
 
     python bench/studies.py run    [--scale cpu|gpu] [--seeds 3] [--worker 0/2] [--out runs/studies]
     python bench/studies.py report [--scale cpu|gpu] [--seeds 3] [--out runs/studies] [--docs docs/studies]
@@ -49,11 +49,12 @@ SHAPES_FACTORS = ("shape", "colour", "x", "y", "scale")
 WIDTHS = (32, 128, 512, 2048)
 NOISE_STDS = (0.1, 0.4)
 PROJ_DIMS = (16, 256)
-# The defaults every study run used (session 2): lr 2e-3, features extracted under the
-# training precision (bf16 here) and last_width 512. All three defaults have moved since
-# (docs/RESULTS.md: the main job; eval.precision); pinning them keeps the documented runs'
-# settings (bit-exact numbers need commit 6cec663: session 7 changed the small-map convs). A
-# config file's own value and a scale or run override still win.
+# The defaults every study run used: lr 2e-3, features extracted under the training
+# precision (bf16 here) and last_width 512. All three defaults have moved since
+# (docs/RESULTS.md: "How the defaults were chosen", "Evaluation precision"); pinning them keeps
+# the documented runs' settings (bit-exact numbers need commit 6cec663, before the small-map
+# convs changed the float order). A config file's own value and a scale or run override still
+# win.
 STUDY_DEFAULTS = {"optim.lr": 0.002, "eval.precision": "train", "model.last_width": 512}
 IMAGE_SIZES = {"fashion-mnist": 28}  # for the view-size pin of study_config
 NO_BASELINES = ("eval.baselines=false",)  # their random-init floor is the SimCLR architecture's
@@ -93,7 +94,8 @@ def _barlow(d: int, scaled: bool, views: int = 2, fraction: float | None = None)
 # the SimCLR baseline (last_width 512, pinned in STUDY_DEFAULTS) doubles as the width study's 512 point
 SIMCLR = Run("simclr", "simclr", ("eval.mlp=true",), evals=(TRANSFER,))
 STUDIES: dict[str, list[Run]] = {
-    # papers.md §1: per-layer probes in- and out-of-distribution; weak vs strong views; label positives
+    # Guillotine Regularization: per-layer probes in and out of distribution; weak vs strong
+    # views; label positives
     "guillotine": [
         SIMCLR,
         Run("vicreg", "vicreg", evals=(TRANSFER,)),
@@ -108,7 +110,7 @@ STUDIES: dict[str, list[Run]] = {
             evals=tuple((f"data.target={f}", *NO_BASELINES) for f in SHAPES_FACTORS),
         ),
     ],
-    # papers.md §2: last_width with the projector fixed, SSL and supervised
+    # Expand or Narrow: last_width with the projector fixed, SSL and supervised
     "width": [
         *(
             Run(f"simclr-lw{w}", "simclr", (f"model.last_width={w}", "eval.mlp=true"), evals=(TRANSFER,))
@@ -126,7 +128,8 @@ STUDIES: dict[str, list[Run]] = {
             for w in WIDTHS
         ),
     ],
-    # papers.md §3 and §6: one negative, noise-only views, small batches; small projectors; views vs data
+    # Democratizing JE-SSL (one negative, noise-only views, small batches) and small projectors
+    # with more views (Ghosh et al. 2024: projector width, views vs data)
     "cheap": [
         SIMCLR,
         Run("simclr-neg1", "simclr", ("method.negatives=1",)),
@@ -164,8 +167,8 @@ def eval_tag(overrides: tuple[str, ...], cfg_path: Path) -> str:
 
 def study_config(run: Run, out: Path, scale: tuple[str, ...]):
     """The run's config: its YAML, the pinned defaults, the scale, its overrides, and views at
-    the image size wherever `views.size=0` now means a smaller default (Fashion-MNIST: 20 px
-    since session 8; every study ran with 28-px views)."""
+    the image size wherever `views.size=0` means a smaller default (Fashion-MNIST: 20 px; every
+    study ran with 28-px views, before that default)."""
     from ssl_lab.config import load_config
     from ssl_lab.data.sources import VIEW_SIZES
 

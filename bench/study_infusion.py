@@ -22,18 +22,10 @@ from pathlib import Path
 import torch
 
 from ssl_lab.gen import infusion as inf
-from ssl_lab.gen.infusion_run import (
-    _subset,
-    image_grid,
-    load_data,
-    load_infusion_config,
-    load_model,
-    load_run_config,
-    sample_run,
-    score_run,
-    to_pixels,
-    train_infusion,
-)
+from ssl_lab.gen.infusion_config import SampleArgs, load_infusion_config, load_run_config
+from ssl_lab.gen.infusion_eval import image_grid, sample_run, score_run, subset
+from ssl_lab.gen.infusion_model import load_data, load_model, to_pixels
+from ssl_lab.gen.infusion_train import train_infusion
 from ssl_lab.runtime import pick_device
 
 SEEDS = (0, 1, 2)
@@ -93,7 +85,7 @@ def run_one(out: Path, data: str, variant: str, seed: int, scale: float) -> dict
 def save_grids(out: Path, data: str, variant: str, img_dir: Path) -> None:
     run_dir = out / f"{data}-{variant}-s0"
     tag = f"infusion_{data.replace('-', '')}_{variant.replace('.', '')}"
-    paths = sample_run(run_dir, n=36, chains=6, seed=0, out_dir=run_dir / "plots")
+    paths = sample_run(run_dir, SampleArgs(n=36, chains=6, seed=0))
     img_dir.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
         if name == "samples" or variant == "infusion":  # keep docs/img small
@@ -154,8 +146,8 @@ def _prior_on_bound_images(run_dir: Path, bound_n: int) -> float:
     """The prior's exact LL on the very test images `score_run` bounded (same seeded subsets)."""
     cfg, device = load_run_config(run_dir), pick_device()
     prior = load_model(run_dir, cfg, device).prior
-    test = _subset(to_pixels(load_data(cfg).test.images, device), cfg.score.test_n, cfg.seed + 1)
-    return prior.log_prob(_subset(test, bound_n, cfg.seed + 2)).mean().item()
+    test = subset(to_pixels(load_data(cfg).test.images, device), cfg.score.test_n, cfg.seed + 1)
+    return prior.log_prob(subset(test, bound_n, cfg.seed + 2)).mean().item()
 
 
 def tight_table(rows: dict, data: str) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,17 +65,20 @@ def rcdm_overrides(scale: int, threads: int) -> list[str]:
 
 def rcdm_stage(run: Path, encoder: Path, layer: str, random_init: bool, scale: int,
                threads: int) -> None:
-    from ssl_lab.gen.rcdm_run import train_config, train_rcdm
+    from ssl_lab.gen.rcdm_config import load_train_config
+    from ssl_lab.gen.rcdm_train import train_rcdm
 
     resume = (run / "config.yaml").is_file()
-    train_rcdm(train_config(str(encoder), [
+    train_rcdm(load_train_config(str(encoder), [
         f"run.dir={run}", f"resume={str(resume).lower()}", f"layer={layer}",
         f"random_init={str(random_init).lower()}", *rcdm_overrides(scale, threads)]))
 
 
 def grid_stage(run: Path) -> None:
-    from ssl_lab.gen.rcdm_run import SampleArgs, sample_command
+    from ssl_lab.gen.rcdm_config import SampleArgs
+    from ssl_lab.gen.rcdm_sample import sample_command
 
+    shutil.rmtree(run / "study_samples", ignore_errors=True)  # a partial one (out= must be new)
     sample_command(run, SampleArgs(split="test", n=8, k=4, steps=50, interp=8,
                                    out=str(run / "study_samples")))
 
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ssl_lab.gen.rcdm_run import ScoreArgs, score_command
+    from ssl_lab.gen.rcdm_config import ScoreArgs
+    from ssl_lab.gen.rcdm_score import score_command
 
     out = args.out / f"scale{args.scale}"
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = out / "encoder"
     if not (encoder / "summary.json").is_file():
         timed(timings, "encoder", tpath, lambda: encoder_stage(encoder, args.scale, args.threads))
-    from ssl_lab.eval.run import read_spec
+    from ssl_lab.models.encoder import read_spec
 
     proj = read_spec(encoder)["model"]["projector"]
     z_layer = f"proj{len(proj.split('-'))}"

@@ -45,7 +45,7 @@ CASES = {
     "fraction > 1": (["train", "data.fraction=2"], "data.fraction"),
     "eval fraction 0": (["train", "eval.train_fraction=0"], "eval.train_fraction"),
     "unknown optimizer": (["train", "optim.name=adam"], "optim.name"),
-    "unknown method": (["train", "method.name=simsiam"], "method.name"),
+    "unknown method": (["train", "method.name=no_such_method"], "method.name"),
     "unknown dataset": (["train", "data.name=mnist"], "mnist"),
     "unknown recipe": (["train", "data.name=digits", "views.recipe=strong"], "strong"),
     "unknown backbone": (["train", "data.name=digits", "model.backbone=resnet7"], "resnet7"),
@@ -87,7 +87,7 @@ def test_layer_out_of_range_for_eval(tmp_path, capsys):
     assert main(["train", *tiny_run_overrides(run, **{"train.epochs": 1, "eval.enabled": False})]) == 0
     capsys.readouterr()
     from ssl_lab.errors import UserError
-    from ssl_lab.eval.run import load_encoder
+    from ssl_lab.models.encoder import load_encoder
 
     with pytest.raises(UserError, match="proj9"):
         load_encoder(run).features(__import__("torch").zeros(1, 1, 8, 8), ["proj9"])

@@ -1,5 +1,6 @@
-"""ssl_lab.dist: 2 gloo processes on CPU reproduce one process with the global batch exactly
-(loss, every gradient, BatchNorm running stats) for every method; helpers alone are no-ops.
+"""ssl_lab.dist: 2 gloo processes on CPU, the model inside torch's DDP as in training, reproduce
+one process with the global batch exactly (loss, every gradient, BatchNorm running stats) for
+every method; helpers alone are no-ops.
 
 One spawn runs every distributed case (starting processes is the slow part); each test then
 compares one case's saved results with a single-process reference computed here.
@@ -20,7 +21,8 @@ from torch import nn
 from ssl_lab import dist
 from ssl_lab.config import MethodConfig, ModelConfig
 from ssl_lab.errors import UserError
-from ssl_lab.methods import METHODS, Encoder, SSLModel, get_method
+from ssl_lab.methods import METHODS, SSLModel, get_method
+from ssl_lab.models.encoder import Encoder
 
 WORLD, B = 2, 4  # 2 ranks × 4 samples = a global batch of 8
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # classes span both ranks (supcon positives)
@@ -37,8 +39,13 @@ CASES: dict[str, tuple[str, dict, int]] = {
     "multiview_barlow": ("multiview_barlow", {}, 3),
     "multiview_vicreg": ("multiview_vicreg", {}, 3),
     "supervised": ("supervised", {}, 2),
+    "simsiam": ("simsiam", {}, 2),
+    "simsiam_v3": ("simsiam", {}, 3),
+    "mocov3": ("mocov3", {}, 2),
+    "mocov3_v3": ("mocov3", {"temperature": 1.0}, 3),
+    "dino": ("dino", {}, 2),
+    "dino_v3": ("dino", {"student_temp": 0.2, "warmup_teacher_temp": 0.07}, 3),
 }
-DDP_CASES = ("simclr_k3", "byol")  # also run with torch's DDP instead of all_reduce_grads
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -101,27 +108,25 @@ def _worker(rank: int, out_dir: str) -> None:
         results = {"info": info, "is_main": dist.is_main(), "gather": _gather_case(rank),
                    "bn": _bn_case(rank), "any": (dist.any_rank(rank == 1), dist.any_rank(False))}
         for case in CASES:
-            results[case] = _method_case(case, info, ddp=False)
-        for case in DDP_CASES:
-            results[f"ddp_{case}"] = _method_case(case, info, ddp=True)
+            results[case] = _method_case(case, info)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.cleanup()
 
 
-def _method_case(case: str, info: dist.DistInfo, ddp: bool) -> dict:
+def _method_case(case: str, info: dist.DistInfo) -> dict:
+    """One step as the training loop takes it: the model inside torch's DDP (which averages
+    the gradients during backward), the loss on the gathered global batch."""
     rank = info.rank
     model, mc = build_model(case)
     model = dist.convert_sync_batchnorm(model)
-    net = dist.wrap_ddp(model, info) if ddp else model
+    net = dist.wrap_ddp(model, info)
     views = global_views(case)[:, rank * B:(rank + 1) * B]
     out = net(views, [])
     local_labels = LABELS[rank * B:(rank + 1) * B]
     loss = dist.global_loss(get_method(mc.name).loss, out, local_labels, mc,
                             torch.Generator().manual_seed(LOSS_SEED))
     loss.backward()
-    if not ddp:
-        dist.all_reduce_grads(model.parameters())
     return step_results(model, loss)
 
 
@@ -202,9 +207,9 @@ def test_every_method_has_a_case():
     assert {name for name, _, _ in CASES.values()} == set(METHODS)
 
 
-@pytest.mark.parametrize("case", [*CASES, *(f"ddp_{c}" for c in DDP_CASES)])
+@pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process_with_the_global_batch(ranks, case):
-    ref = reference_step(case.removeprefix("ddp_"))
+    ref = reference_step(case)
     for r, res in enumerate(ranks):
         got = res[case]
         assert_close(got["loss"], ref["loss"], f"rank {r} loss")
@@ -351,11 +356,76 @@ def test_per_rank_batch_requires_a_multiple_of_the_world_size():
 
 
 def test_generator_seeds():
-    from ssl_lab.train import step_generator  # heavy import: not at module level (workers)
+    from ssl_lab.seeding import rank_generator_seed, shared_generator_seed, step_generator
 
     cpu = torch.device("cpu")
     # rank 0 keeps train.py's single-process seed: 1 process under torchrun changes nothing
-    assert dist.rank_generator_seed(5, 17, 0) == step_generator(cpu, 5, 17).initial_seed()
-    seeds = {dist.rank_generator_seed(5, s, r) for s in range(100) for r in range(8)}
-    shared = {dist.shared_generator_seed(5, s) for s in range(100)}
+    assert rank_generator_seed(5, 17, 0) == step_generator(cpu, 5, 17).initial_seed()
+    seeds = {rank_generator_seed(5, s, r) for s in range(100) for r in range(8)}
+    shared = {shared_generator_seed(5, s) for s in range(100)}
     assert len(seeds) == 800 and len(shared) == 100 and not seeds & shared
+
+
+# ----------------------------------------------------------------------------- DINO's training step
+
+
+def _dino_steps(rank: int, world: int) -> dict:
+    """Two DINO training steps (multi-crop, clipping, the last layer unfrozen at step 1, SGD)
+    on rank `rank`'s shard of a global batch of WORLD·B: losses, centers and final weights."""
+    from ssl_lab.methods import Progress
+
+    mc = MethodConfig(name="dino", momentum=0.9, center_momentum=0.8, clip_grad=0.3,
+                      freeze_last_layer_epochs=0.5, warmup_teacher_temp=0.06,
+                      warmup_teacher_temp_epochs=2)
+    torch.manual_seed(0)
+    enc = Encoder(ModelConfig(width=0.125, projector="16g-16g-8u-32w"), in_chans=1,
+                  image_size=8, mean=[0.5], std=[0.25])
+    model = SSLModel(enc, get_method("dino"), mc, num_classes=3).train()
+    if world > 1:
+        model = dist.convert_sync_batchnorm(model)
+    opt = torch.optim.SGD([p for m in model.trainable_modules() for p in m.parameters()], lr=0.5)
+    rows = slice(rank * B * WORLD // world, (rank + 1) * B * WORLD // world)
+    out_rec: dict = {"loss": [], "center": []}
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 + step)
+        views, small = torch.rand(2, WORLD * B, 1, 8, 8, generator=g), \
+            torch.rand(3, WORLD * B, 1, 4, 4, generator=g)
+        model.begin_step(Progress(step, 4, 2))
+        out = model(views[:, rows], [], small[:, rows])
+        loss = dist.global_loss(get_method("dino").loss, out, LABELS[rows], mc, None)
+        loss.backward()
+        dist.all_reduce_grads(model.parameters())
+        model.before_update()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.end_step(out)
+        out_rec["loss"].append(loss.detach().clone())
+        out_rec["center"].append(model.center.clone())
+    out_rec["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out_rec
+
+
+def _dino_worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(240, exit=True)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.init_from_env(timeout_s=120, init_method=f"file://{out_dir}/rendezvous")
+    try:
+        torch.save(_dino_steps(rank, WORLD), Path(out_dir) / f"dino{rank}.pt")
+    finally:
+        dist.cleanup()
+
+
+def test_dino_training_steps_with_center_update_equal_one_process(tmp_path):
+    """The center is the EMA of the GLOBAL batch's teacher outputs on every rank, so the second
+    step's loss (which reads it), the teacher and the student match one process too."""
+    mp.spawn(_dino_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ref = _dino_steps(0, 1)
+    assert ref["center"][0].abs().sum() > 0 and not torch.equal(ref["center"][0], ref["center"][1])
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"dino{r}.pt", weights_only=False)
+        for step in range(2):
+            assert_close(got["loss"][step], ref["loss"][step], f"rank {r} loss, step {step}")
+            assert_close(got["center"][step], ref["center"][step], f"rank {r} center, step {step}")
+        for name, value in ref["params"].items():
+            assert_close(got["params"][name], value, f"rank {r} {name} after two steps")

@@ -15,9 +15,10 @@ from ssl_lab import export as export_mod
 from ssl_lab import importer
 from ssl_lab.config import load_config, save_config
 from ssl_lab.errors import UserError
-from ssl_lab.eval.run import evaluate_run, load_encoder
+from ssl_lab.eval.run import evaluate_run
 from ssl_lab.export import export, load_exported
-from ssl_lab.methods import Encoder, SSLModel, get_method
+from ssl_lab.methods import SSLModel, get_method
+from ssl_lab.models.encoder import Encoder, load_encoder
 
 
 def _run(args: list[str]) -> None:

@@ -1,5 +1,5 @@
 """Fast views (Recipe.fast with a crop or flip): crop, flip, resize, blur and the colour map as
-two GEMMs per view (augment.separable_views). References are written from the definitions:
+two GEMMs per view (resample.separable_views). References are written from the definitions:
 cut the box out, F.interpolate it, flip, blur by a 2-D convolution with torchvision's kernel
 and reflect padding, apply the colour matrix channel by channel, clamp."""
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lab.data import augment as A
+from ssl_lab.data import resample as R
 from ssl_lab.data.views import ViewGenerator, get_recipe
 from ssl_lab.runtime import keep_freed_memory
 
@@ -65,7 +66,7 @@ def test_bilinear_matrices_equal_grid_sample_crops(out_size: int) -> None:
     images = photo_like(16, 32)
     boxes = random_boxes(16, 32, 32, seed=1)
     flip = torch.arange(16) % 3 == 0
-    rows, cols = A.resample_matrices(boxes, flip, 32, 32, out_size, antialias=False)
+    rows, cols = R.resample_matrices(boxes, flip, 32, 32, out_size, antialias=False)
     x = images.permute(0, 3, 1, 2).float() / 255
     ours = torch.matmul(torch.matmul(rows[:, None], x), cols.transpose(1, 2)[:, None])
     ref = A.crop_flip_resize(x, boxes, flip, out_size)
@@ -80,7 +81,7 @@ def test_blur_folds_into_the_matrices() -> None:
     sigma = torch.tensor([0.3, 1.0, 2.0, 1.5, 0.7, 1.9])
     mask = torch.tensor([True, True, True, False, True, True])
     k = 5
-    rows, cols = A.resample_matrices(boxes, flip, 30, 30, 16, False,
+    rows, cols = R.resample_matrices(boxes, flip, 30, 30, 16, False,
                                      A.gauss_kernels(sigma, mask, k))
     ours = torch.matmul(torch.matmul(rows[:, None], images.permute(0, 3, 1, 2).float() / 255),
                         cols.transpose(1, 2)[:, None])
@@ -95,7 +96,7 @@ def test_blur_wider_than_the_view_repeats_edge_indices() -> None:
     images = photo_like(2, 12)
     boxes, flip = torch.tensor([[0, 0, 12, 12], [2, 3, 6, 7]]), torch.tensor([False, True])
     sigma, mask = torch.tensor([1.5, 0.8]), torch.tensor([True, True])
-    rows, cols = A.resample_matrices(boxes, flip, 12, 12, 3, False, A.gauss_kernels(sigma, mask, 9))
+    rows, cols = R.resample_matrices(boxes, flip, 12, 12, 3, False, A.gauss_kernels(sigma, mask, 9))
     x = images.permute(0, 3, 1, 2).float() / 255
     ours = torch.matmul(torch.matmul(rows[:, None], x), cols.transpose(1, 2)[:, None])
     crops = A.crop_flip_resize(x, boxes, flip, 3)
@@ -115,9 +116,9 @@ def test_separable_views_equal_the_ops_one_by_one_in_fp32() -> None:
     sigma, mask = 0.1 + 1.9 * torch.rand(m, generator=g), torch.rand(m, generator=g) < 0.6
     matrix = torch.eye(3) + 0.3 * torch.randn(m, 3, 3, generator=g)
     shift = 0.2 * torch.randn(m, 3, 1, generator=g)
-    rows, cols = A.resample_matrices(boxes, flip, 26, 26, size, False,
+    rows, cols = R.resample_matrices(boxes, flip, 26, 26, size, False,
                                      A.gauss_kernels(sigma, mask, k))
-    views = A.separable_views(src_of(images), rows, cols, matrix, shift, 3)
+    views = R.separable_views(src_of(images), rows, cols, matrix, shift, 3)
     assert views.shape == (v, n, 3, size, size) and views.dtype == FP32
     for i in range(n):
         for j in range(v):
@@ -131,19 +132,19 @@ def test_separable_views_equal_the_ops_one_by_one_in_fp32() -> None:
 def test_crop_means_are_the_means_of_the_views() -> None:
     images = photo_like(4, 24)
     boxes = random_boxes(8, 24, 24, seed=5)
-    rows, cols = A.resample_matrices(boxes, torch.zeros(8, dtype=torch.bool), 24, 24, 16, False)
-    views = A.separable_views(src_of(images), rows, cols, None, None, 3)  # (V, N, ...)
+    rows, cols = R.resample_matrices(boxes, torch.zeros(8, dtype=torch.bool), 24, 24, 16, False)
+    views = R.separable_views(src_of(images), rows, cols, None, None, 3)  # (V, N, ...)
     means = views.transpose(0, 1).reshape(8, 3, -1).mean(-1, keepdim=True)
-    torch.testing.assert_close(A.crop_means(src_of(images), rows, cols), means, atol=1e-6, rtol=0)
+    torch.testing.assert_close(R.crop_means(src_of(images), rows, cols), means, atol=1e-6, rtol=0)
 
 
 def test_separable_views_in_bf16_are_the_fp32_views_to_bf16_precision() -> None:
     images = photo_like(8, 32)
     boxes = random_boxes(16, 32, 32, seed=6)
-    rows, cols = A.resample_matrices(boxes, torch.arange(16) % 2 == 0, 32, 32, 32, False)
+    rows, cols = R.resample_matrices(boxes, torch.arange(16) % 2 == 0, 32, 32, 32, False)
     matrix, shift = 1.2 * torch.eye(3).expand(16, 3, 3), torch.full((16, 3, 1), -0.05)
-    exact = A.separable_views(src_of(images), rows, cols, matrix, shift, 3)
-    low = A.separable_views(src_of(images, torch.bfloat16), rows, cols, matrix, shift, 3)
+    exact = R.separable_views(src_of(images), rows, cols, matrix, shift, 3)
+    low = R.separable_views(src_of(images, torch.bfloat16), rows, cols, matrix, shift, 3)
     # bf16 roundings (relative 2^-9 each) of the rows, the matrix and each GEMM's output, on
     # values up to ~1.2 (here 1.2 itself is 1.203 in bf16): a few 1/255 at most
     assert (low - exact).abs().max() < 2e-2 and (low - exact).abs().mean() < 4e-3

@@ -9,11 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ssl_lab.checkpoint import find_checkpoint
+from ssl_lab.cli import main
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
-from ssl_lab.gen.infusion_run import add_commands, load_infusion_config, train_infusion
+from ssl_lab.gen.infusion_config import load_infusion_config
+from ssl_lab.gen.infusion_run import add_commands
+from ssl_lab.gen.infusion_train import train_infusion
+from ssl_lab.rundir import RunDir
 
 SHAPE = (1, 4, 4)
 
@@ -213,8 +218,12 @@ def test_config_rejects_unknown_keys_with_a_suggestion():
         load_infusion_config(None, ["infusion.step=3"])
     with pytest.raises(UserError, match="alpha0"):
         load_infusion_config(None, ["infusion.alpha0=1.5"])
-    cfg = load_infusion_config(None, ["score.sigmas=[0.1,0.2]"])
-    assert cfg.score.sigmas == [0.1, 0.2]
+    cfg = load_infusion_config(None, ["score.sigmas=[0.1,0.2]"])  # a YAML list, or
+    assert cfg.score.sigma_grid() == [0.1, 0.2]
+    cfg = load_infusion_config(None, ["score.bound_stds=0.02,0.05"])  # comma-separated
+    assert cfg.score.bound_std_grid() == [0.02, 0.05]
+    with pytest.raises(UserError, match="positive numbers"):
+        load_infusion_config(None, ["score.sigmas=0.1,-2"])
 
 
 def _tiny(run_dir, **extra) -> list[str]:
@@ -234,6 +243,27 @@ def _cli(argv: list[str]) -> None:
     ns.func(ns)
 
 
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(find_checkpoint(run) / "weights.safetensors"))
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _snapshot(run) -> dict[str, tuple[bytes, int]]:
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
+    return err[0]
+
+
 def test_cli_train_sample_score(tmp_path, capsys):
     run = tmp_path / "run"
     _cli(["infusion", "train", *_tiny(run)])
@@ -243,8 +273,11 @@ def test_cli_train_sample_score(tmp_path, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert any("val_bound" in r for r in records)
-    _cli(["infusion", "sample", str(run), "--n", "4", "--chains", "2"])
-    assert (run / "plots" / "samples.png").is_file() and (run / "plots" / "chain.png").is_file()
+    _cli(["infusion", "sample", str(run), "n=4", "chains=2"])
+    out = run / "samples" / "n4-chains2-seed0"
+    assert (out / "samples.png").is_file() and (out / "chain.png").is_file()
+    _cli(["infusion", "sample", str(run), "n=4", "chains=2", f"out={tmp_path / 'grids'}"])
+    assert (tmp_path / "grids" / "chain.png").is_file()
     _cli(["infusion", "score", str(run)])
     report = json.loads((run / "score.json").read_text())
     assert math.isfinite(report["chain"]["parzen"]["test_ll"])
@@ -256,17 +289,59 @@ def test_cli_train_sample_score(tmp_path, capsys):
         _cli(["infusion", "score", str(run), "infusion.steps=5"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["n=0"], "n must be >= 1"), (["n=-5"], "n must be >= 1"), (["chains=0"], "chains must be"),
+    (["n=x"], "expects int"), (["chain=2"], "did you mean 'chains'"),
+    (["n"], "not key=value")])
+def test_sample_arguments_are_checked(tmp_path, capsys, args, message):
+    assert main(["infusion", "sample", str(tmp_path), *args]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_sample_refuses_to_overwrite_an_explicit_out(tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "samples.png").write_bytes(b"keep")
+    assert main(["infusion", "sample", str(tmp_path), f"out={tmp_path / 'old'}"]) == 2
+    assert "already exists" in _one_line_error(capsys)
+    assert (tmp_path / "old" / "samples.png").read_bytes() == b"keep"
+
+
 def test_resume_replays_the_uninterrupted_run(tmp_path):
+    """Crashed, then resumed with the short form `infusion train run.dir=X resume=true`: the
+    saved config.yaml rebuilds the run, which ends bit-exact with the uninterrupted one."""
     full = train_infusion(load_infusion_config(None, _tiny(tmp_path / "a")))
     crash = tmp_path / "b"
     train_infusion(load_infusion_config(None, _tiny(crash, **{"train.ckpt_every_steps": 2})),
                    stop_at_step=3)
-    train_infusion(load_infusion_config(None, _tiny(crash, resume="true")))
-    from safetensors.torch import load_file
+    assert not (crash / "summary.json").exists()
+    assert main(["infusion", "train", f"run.dir={crash}", "resume=true"]) == 0
+    assert json.loads((crash / "env.json").read_text())["resumed_at_step"] == 2
+    assert _same_weights(full, crash)
 
-    a = load_file(str(find_checkpoint(full) / "weights.safetensors"))
-    b = load_file(str(find_checkpoint(crash) / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def test_more_epochs_on_resume_equal_a_longer_run(tmp_path):
+    """train.epochs may be raised on resume (Adam's lr is constant): the result is the run
+    that was that long from the start."""
+    longer = train_infusion(load_infusion_config(None, _tiny(tmp_path / "a",
+                                                             **{"train.epochs": 4})))
+    short = train_infusion(load_infusion_config(None, _tiny(tmp_path / "b")))
+    assert main(["infusion", "train", f"run.dir={short}", "resume=true", "train.epochs=4"]) == 0
+    assert _same_weights(longer, short)
+
+
+def test_rejected_resume_and_second_writer_change_nothing(tmp_path, capsys):
+    run = train_infusion(load_infusion_config(None, _tiny(tmp_path / "r",
+                                                          **{"train.epochs": 1})))
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["infusion", "train", f"run.dir={run}", "resume=true", "infusion.steps=5"]) == 2
+    assert "infusion.steps is 3" in _one_line_error(capsys)
+    assert main(["infusion", "train", f"run.dir={run}", "resume=true", "train.epochs=0"]) == 2
+    assert "train.epochs" in _one_line_error(capsys)
+    with RunDir(run).lock():
+        assert main(["infusion", "train", f"run.dir={run}", "resume=true"]) == 2
+        assert "in use by pid" in _one_line_error(capsys)
+    assert _snapshot(run) == before
 
 
 def test_conv_operator_trains_end_to_end(tmp_path):
@@ -280,12 +355,9 @@ def test_conv_operator_trains_end_to_end(tmp_path):
 def test_training_from_a_packed_store_equals_training_from_its_source(tmp_path):
     """`data.name=packed:DEST` (read into memory: the chain trains on every image each epoch)
     gives the same weights as the source it was packed from."""
-    from safetensors.torch import load_file
-
     from ssl_lab.data.pack import pack
 
     store, _ = pack("digits", tmp_path / "store", progress=False)
     runs = [train_infusion(load_infusion_config(None, _tiny(tmp_path / name, **{"data.name": data})))
             for name, data in (("src", "digits"), ("packed", f"packed:{store}"))]
-    a, b = (load_file(str(find_checkpoint(run) / "weights.safetensors")) for run in runs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(*runs)

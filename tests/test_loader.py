@@ -13,11 +13,12 @@ from conftest import tiny_run_overrides
 
 from ssl_lab import dist
 from ssl_lab.config import load_config
-from ssl_lab.data.loader import BatchLoader, epoch_permutation
+from ssl_lab.data.loader import BatchLoader
 from ssl_lab.data.pack import pack
 from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import load_dataset
 from ssl_lab.errors import UserError
+from ssl_lab.seeding import epoch_permutation
 from ssl_lab.train import train
 
 N, BATCH = 50, 8  # 6 steps per epoch; the last 2 samples of each epoch are dropped
@@ -140,7 +141,7 @@ def test_training_ramps_the_view_size(tmp_path, stripes_npz):
 
 @pytest.mark.parametrize("fast", [None, True, False])
 def test_views_fast_reaches_the_large_small_and_ramped_views(tmp_path, stripes_npz, fast):
-    from ssl_lab.train import build
+    from ssl_lab.train_setup import build
 
     s = build(load_config(None, tiny_run_overrides(tmp_path / "r", **{
         "data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "views.size": 72,
@@ -157,7 +158,7 @@ def test_fractional_epochs_reach_full_size_in_the_last_epoch_run(tmp_path, strip
                                                                  touched):
     """The ramp ends in the last epoch the run enters: 2.1 epochs of 2 steps round to 4 steps,
     2 epochs, so a ramp planned for a third epoch would never reach the full size."""
-    from ssl_lab.train import build
+    from ssl_lab.train_setup import build
 
     s = build(load_config(None, tiny_run_overrides(tmp_path / "r", **{
         "data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "optim.batch_size": 64,

@@ -18,8 +18,9 @@ from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
 from ssl_lab.data import pack as pack_mod
-from ssl_lab.data.pack import PackOptions, StoreImages, open_store, pack, verify
+from ssl_lab.data.pack import PackOptions, pack
 from ssl_lab.data.sources import load_dataset
+from ssl_lab.data.store import StoreImages, open_store, verify
 from ssl_lab.errors import UserError
 from ssl_lab.train import train
 
@@ -207,7 +208,7 @@ def test_cli_pack_and_info(tmp_path, stripes_npz, capsys):
     assert "8x8x1 uint8, raw" in capsys.readouterr().out
     assert main(["data", "pack", f"npz:{stripes_npz}", str(dest), "resolution=8"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert main(["data", "info", str(dest), "--verify"]) == 0
+    assert main(["data", "info", str(dest), "verify=true"]) == 0
     out = capsys.readouterr().out
     assert "train     192 images" in out and "checksums  ok" in out
     assert main(["data", "pack", f"npz:{stripes_npz}", str(tmp_path / "t"), "size=3"]) == 2

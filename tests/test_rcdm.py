@@ -162,28 +162,51 @@ TINY = ["unet.size=16", "unet.channels=16-32", "data.fraction=0.1", "train.batch
         "train.epochs=2", "train.preview=false", "train.ckpt_every_steps=3", "sample.steps=3"]
 
 
-def test_train_resume_sample_score(encoder_run, tmp_path):
+def _weights(run) -> dict[str, torch.Tensor]:
     from ssl_lab import checkpoint as ckpt_io
-    from ssl_lab.gen.rcdm_run import (
-        SampleArgs,
-        ScoreArgs,
-        sample_command,
-        score_command,
-        train_config,
-        train_rcdm,
-    )
 
-    full = train_rcdm(train_config(str(encoder_run), [f"run.dir={tmp_path / 'a'}", *TINY]))
-    crashed = train_config(str(encoder_run), [f"run.dir={tmp_path / 'b'}", *TINY])
+    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _snapshot(run) -> dict[str, tuple[bytes, int]]:
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
+    return err[0]
+
+
+def test_train_resume_sample_score(encoder_run, tmp_path):
+    """A crashed run resumed with the short form `rcdm train run.dir=X resume=true` (the saved
+    config.yaml rebuilds it, ENCODER_RUN left out) ends bit-exact with the uninterrupted one."""
+    from ssl_lab.cli import main
+    from ssl_lab.gen.rcdm_config import SampleArgs, ScoreArgs, load_train_config
+    from ssl_lab.gen.rcdm_sample import sample_command
+    from ssl_lab.gen.rcdm_score import score_command
+    from ssl_lab.gen.rcdm_train import train_rcdm
+
+    full = train_rcdm(load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'a'}", *TINY]))
+    crashed = load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'b'}", *TINY])
     train_rcdm(crashed, stop_at_step=4)
-    resumed = train_rcdm(train_config("", [f"run.dir={tmp_path / 'b'}", "resume=true"]))
+    assert not (tmp_path / "b" / "summary.json").exists()
+    assert main(["rcdm", "train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
+    resumed = tmp_path / "b"
     # Noise, timesteps and data order are functions of (seed, step): resuming is bit-exact.
-    weights = [load_file(str(ckpt_io.find_checkpoint(r) / ckpt_io.WEIGHTS))
-               for r in (full, resumed)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert _same_weights(full, resumed)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == json.loads((resumed / "summary.json").read_text())["steps"]
+    env = json.loads((resumed / "env.json").read_text())
+    assert env["resumed_at_step"] == 3 and env["precision"] in ("bfloat16", "float32")
+    assert not env["grad_scaler"]
 
     paths = sample_command(full, SampleArgs(n=3, k=2, interp=3))
     assert all(p.is_file() for p in paths.values())
@@ -196,30 +219,97 @@ def test_train_resume_sample_score(encoder_run, tmp_path):
     assert (full / "score.json").is_file()
 
 
-def test_bad_layer_and_key_are_user_errors(encoder_run, tmp_path):
-    from ssl_lab.gen.rcdm_run import train_config, train_rcdm
+def test_rejected_resume_and_second_writer_change_nothing(encoder_run, tmp_path, capsys):
+    """A conflicting key, another encoder, or a run directory in use by another writer: exit 2
+    with one line, and every file of the run stays as it was."""
+    from ssl_lab.cli import main
+    from ssl_lab.rundir import RunDir
 
-    assert train_config(str(encoder_run), ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 str
+    run = tmp_path / "r"
+    assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}", *TINY,
+                 "train.epochs=1"]) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["rcdm", "train", f"run.dir={run}", "resume=true", "unet.size=32"]) == 2
+    assert "unet.size is 16" in _one_line_error(capsys)
+    assert main(["rcdm", "train", str(tmp_path), f"run.dir={run}", "resume=true"]) == 2
+    assert "trained on encoder" in _one_line_error(capsys)
+    assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}"]) == 2  # no resume=true
+    assert "already exists" in _one_line_error(capsys)
+    with RunDir(run).lock():
+        assert main(["rcdm", "train", f"run.dir={run}", "resume=true"]) == 2
+        assert "in use by pid" in _one_line_error(capsys)
+    assert _snapshot(run) == before
+    # the keys documented as safe may change: the same encoder given again is accepted too
+    assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}", "resume=true",
+                 "train.budget_s=600", "sample.k=2"]) == 0
+
+
+def test_fp16_uses_a_grad_scaler_and_resumes_exactly(encoder_run, tmp_path):
+    """train.precision=fp16 (autocast works on CPU too): loss scaling with a GradScaler whose
+    state is checkpointed and restored, so a resumed fp16 run is bit-exact as well."""
+    from ssl_lab import checkpoint as ckpt_io
+    from ssl_lab.cli import main
+    from ssl_lab.gen.rcdm_config import load_train_config
+    from ssl_lab.gen.rcdm_train import train_rcdm
+
+    fp16 = [*TINY, "train.precision=fp16", "train.epochs=1", "train.ckpt_every_steps=2"]
+    full = train_rcdm(load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'a'}", *fp16]))
+    env = json.loads((full / "env.json").read_text())
+    assert env["precision"] == "float16" and env["grad_scaler"] is True
+    state = ckpt_io.load_state(ckpt_io.find_checkpoint(full))
+    assert state["scaler"]["scale"] > 0
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all("grad_scale" in r for r in records)
+    train_rcdm(load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'b'}", *fp16]),
+               stop_at_step=3)
+    assert main(["rcdm", "train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
+    assert _same_weights(full, tmp_path / "b")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["k=0"], "k must be >= 1"), (["n=0"], "n must be >= 1"), (["n=-5"], "n must be >= 1"),
+    (["steps=0"], "steps must be >= 1"), (["steps=2000"], "steps must be <= 1000"),
+    (["interp=1"], "interp must be 0"), (["eta=-1"], "eta must be >= 0"),
+    (["split=dev"], "split must be"), (["images=a.png", "n=3"], "exclude each other"),
+    (["kk=2"], "did you mean 'k'"), (["k"], "not key=value")])
+def test_sample_arguments_are_checked(tmp_path, capsys, args, message):
+    from ssl_lab.cli import main
+
+    assert main(["rcdm", "sample", str(tmp_path), *args]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_sample_and_score_refuse_before_loading(tmp_path, capsys):
+    from ssl_lab.cli import main
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "grid.png").write_bytes(b"keep")
+    assert main(["rcdm", "sample", str(tmp_path), f"out={tmp_path / 'old'}"]) == 2
+    assert "already exists" in _one_line_error(capsys)
+    assert (tmp_path / "old" / "grid.png").read_bytes() == b"keep"
+    assert main(["rcdm", "score", str(tmp_path), "n=1"]) == 2
+    assert "n must be >= 2" in _one_line_error(capsys)
+    assert main(["rcdm", "sample", str(tmp_path), "k=2"]) == 2
+    assert "not an RCDM run" in _one_line_error(capsys)
+    assert main(["rcdm", "score", str(tmp_path / "missing"), "n=10"]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+
+
+def test_bad_layer_and_key_are_user_errors(encoder_run, tmp_path):
+    from ssl_lab.gen.rcdm_config import load_train_config
+    from ssl_lab.gen.rcdm_train import train_rcdm
+
+    assert load_train_config(str(encoder_run), ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 str
     with pytest.raises(UserError, match="unknown config key 'unet.chanels'"):
-        train_config(str(encoder_run), ["unet.chanels=8"])
+        load_train_config(str(encoder_run), ["unet.chanels=8"])
     with pytest.raises(UserError, match="not a layer"):
-        train_rcdm(train_config(str(encoder_run), [f"run.dir={tmp_path / 'x'}", "layer=stage9"]))
+        train_rcdm(load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'x'}",
+                                                        "layer=stage9"]))
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="does not exist"):
-        train_rcdm(train_config(str(tmp_path / "nope"), []))
-
-
-def test_add_commands_wires_argparse(tmp_path):
-    import argparse
-
-    from ssl_lab.gen.rcdm import add_commands
-
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["rcdm", "score", str(tmp_path / "missing"), "n=10"])
-    assert ns.overrides == ["n=10"]
-    with pytest.raises(UserError, match="does not exist"):
-        ns.func(ns)
-    ns = parser.parse_args(["rcdm", "sample", str(tmp_path), "k=2"])
-    with pytest.raises(UserError, match="not an RCDM run"):
-        ns.func(ns)
+        train_rcdm(load_train_config(str(tmp_path / "nope"), []))
+    with pytest.raises(UserError, match="ENCODER_RUN"):  # neither given nor saved
+        train_rcdm(load_train_config(None, []))
+    with pytest.raises(UserError, match="once"):
+        load_train_config(str(encoder_run), [f"encoder={encoder_run}"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,8 +37,12 @@ def _last_step(run: Path) -> int:
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    straight = train(load_config(None, tiny_run_overrides(tmp_path / "a", **EXTRA)))
-    args = tiny_run_overrides(tmp_path / "b", **EXTRA)
+    """A non-default recipe (configs/vicreg.yaml), killed, then resumed with the short form
+    `ssl-lab train run.dir=X resume=true`: the saved config.yaml rebuilds the same run."""
+    vicreg = str(Path(__file__).parents[1] / "configs" / "vicreg.yaml")
+    vic = {"model.projector": "32-32-32", "method.sim_weight": 20.0}
+    straight = train(load_config(vicreg, tiny_run_overrides(tmp_path / "a", **EXTRA, **vic)))
+    args = [vicreg, *tiny_run_overrides(tmp_path / "b", **EXTRA, **vic)]
     cmd = [sys.executable, "-m", "ssl_lab", "train", *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     rng = random.Random(int(time.time()))  # a different kill point every run of the suite
@@ -48,7 +53,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: mid-step or mid-save
     proc.wait()
-    assert main(["train", *args, "resume=true"]) == 0
+    assert main(["train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
     a, b = _weights(straight), _weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), f"resume after kill at step ~{target} differs"
@@ -91,10 +96,14 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    """Checkpoints copied in from a run of another width: one line naming the mismatch."""
     args = tiny_run_overrides(tmp_path / "r", **EXTRA | {"train.epochs": 1})
-    assert main(["train", *args]) == 0
+    other = tiny_run_overrides(tmp_path / "w", **EXTRA | {"train.epochs": 1, "model.width": 0.25})
+    assert main(["train", *args]) == 0 and main(["train", *other]) == 0
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    shutil.copytree(tmp_path / "w" / "checkpoints", tmp_path / "r" / "checkpoints")
     capsys.readouterr()
-    assert main(["train", *args, "resume=true", "model.width=0.25"]) == 2
+    assert main(["train", f"run.dir={tmp_path / 'r'}", "resume=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not match" in err and "shape mismatch" in err, err
 

@@ -103,7 +103,7 @@ def test_skip_finished_resume_partial_continue_and_assemble(tmp_path):
     assert calls == [("model.last_width=32,seed=1", True), ("model.last_width=64,seed=0", False),
                      ("model.last_width=64,seed=1", False)]
 
-    calls.clear()  # `--out DIR` alone continues the recorded grid: only the failed point runs
+    calls.clear()  # `out=DIR` alone continues the recorded grid: only the failed point runs
     sweep.run_sweep(out, train_fn=_fake_train(calls))
     assert calls == [("model.last_width=64,seed=1", False)]
 
@@ -129,7 +129,7 @@ def test_real_tiny_sweep_from_the_command_line(tmp_path, stripes_npz):
     small = {"data.name": f"npz:{stripes_npz}", "data.fraction": 1.0, "train.epochs": 1}
     base = [o for o in tiny_run_overrides(tmp_path / "unused", **small)
             if not o.startswith("run.dir")]
-    ns = _parser().parse_args(["sweep", "optim.lr=[0.001,0.002]", *base, "--out", str(out)])
+    ns = _parser().parse_args(["sweep", "optim.lr=[0.001,0.002]", *base, f"out={out}"])
     ns.func(ns)
     rows = _csv(out / "sweep.csv")
     assert [r["optim.lr"] for r in rows] == ["0.001", "0.002"]
@@ -144,6 +144,6 @@ def test_real_tiny_sweep_from_the_command_line(tmp_path, stripes_npz):
     # a plain directory of runs (no sweep.json): the axis is the key whose values differ
     (out / "sweep.json").unlink()
     (out / "sweep.csv").unlink()
-    ns = _parser().parse_args(["sweep", "--out", str(out), "--no-run"])
+    ns = _parser().parse_args(["sweep", f"out={out}", "run=false"])
     ns.func(ns)
     assert [r["optim.lr"] for r in _csv(out / "sweep.csv")] == ["0.001", "0.002"]

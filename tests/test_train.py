@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
-from ssl_lab.train import load_training_data, train
+from ssl_lab.train import train
+from ssl_lab.train_setup import load_training_data
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 SUMMARY_KEYS = {"method", "dataset", "epochs", "wall_s", "views_per_s", "probes", "probes_val",
@@ -113,7 +114,7 @@ def test_online_probes_learn_an_easy_task(tmp_path, stripes_npz):
     (["train", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["train", "optim.lr=abc"], "expects float"),
     (["train", "data.name=npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
-    (["train", "method.name=simsiam"], "unknown method.name"),
+    (["train", "method.name=no_such_method"], "unknown method.name"),
     (["eval", "/nonexistent/run"], "does not exist"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(args, fragment, capsys):
@@ -133,7 +134,8 @@ def test_existing_run_dir_needs_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "multiview_barlow"])
 def test_multi_crop_adds_small_views_to_the_loss(tmp_path, method):
-    from ssl_lab.train import build, step_generator
+    from ssl_lab.seeding import step_generator
+    from ssl_lab.train_setup import build
 
     over = tiny_run_overrides(tmp_path / "r", **{"method.name": method, "views.n": 2,
                                                  "views.small_n": 2, "views.small_size": 8,
@@ -169,7 +171,8 @@ def test_eval_knn_settings_reach_every_layer(tmp_path):
     """`ssl-lab eval RUN eval.knn_k=...` changes the per-layer kNN, not only the pixels'."""
     from ssl_lab.data.sources import load_dataset
     from ssl_lab.eval.metrics import knn_classify
-    from ssl_lab.eval.run import evaluate_run, features_by_split, load_encoder
+    from ssl_lab.eval.run import evaluate_run, features_by_split
+    from ssl_lab.models.encoder import load_encoder
 
     run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))
     report = evaluate_run(run, ["eval.knn_k=3", "eval.knn_temperature=0.5", "eval.baselines=false"])

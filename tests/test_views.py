@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ssl_lab.config import load_config
 from ssl_lab.data import augment as A
+from ssl_lab.data import color as C
 from ssl_lab.data.views import RECIPES, Recipe, ViewGenerator, get_recipe, save_view_grid
 from ssl_lab.errors import UserError
 
@@ -259,7 +260,7 @@ def test_contrast_blends_with_mean_luma() -> None:
     _, views, params = make(images, jitter_only(contrast=0.4))
     c = params[0]["contrast"][:, None, None, None]
     x = as_float(images)
-    luma = (x * torch.tensor(A.GRAY_RGB)[:, None, None]).sum(1, keepdim=True)
+    luma = (x * torch.tensor(C.GRAY_RGB)[:, None, None]).sum(1, keepdim=True)
     mean = luma.mean((2, 3), keepdim=True)
     torch.testing.assert_close(views[0], (c * x + (1 - c) * mean).clamp(0, 1), atol=1e-5, rtol=0)
 
@@ -268,7 +269,7 @@ def test_saturation_keeps_luma_and_scales_chroma() -> None:
     images = smooth_images()
     _, views, params = make(images, jitter_only(saturation=0.5))
     x, s = as_float(images), params[0]["saturation"][:, None, None, None]
-    gray = (x * torch.tensor(A.GRAY_RGB)[:, None, None]).sum(1, keepdim=True)
+    gray = (x * torch.tensor(C.GRAY_RGB)[:, None, None]).sum(1, keepdim=True)
     torch.testing.assert_close(views[0], (s * x + (1 - s) * gray).clamp(0, 1), atol=1e-5, rtol=0)
 
 
@@ -278,7 +279,7 @@ def test_hue_rotates_chroma_and_keeps_luma() -> None:
     images = (pix[:, None, None, :].expand(N, 4, 4, 3) * 255).round().to(torch.uint8)
     _, views, params = make(images, jitter_only(hue=0.5), size=4)
     x, y = as_float(images), views[0]
-    yiq = torch.tensor(A._YIQ)
+    yiq = torch.tensor(C._YIQ)
     luma = torch.einsum("ij,njhw->nihw", yiq, x)
     luma_y = torch.einsum("ij,njhw->nihw", yiq, y)
     torch.testing.assert_close(luma_y[:, 0], luma[:, 0], atol=1e-5, rtol=0)
@@ -294,7 +295,7 @@ def reference_jitter(x: torch.Tensor, factors: list[float], order: list[int],
     """One image (3, H, W), torchvision-style: each op then a clamp, in the given order.
     clamp_each=False: no clamp at all (the chain DALI's ColorTwist applies before its one)."""
     b, c, s, h = factors
-    w = torch.tensor(A.GRAY_RGB)[:, None, None]
+    w = torch.tensor(C.GRAY_RGB)[:, None, None]
     for op in order:
         if op == 0:
             x = x * b
@@ -303,7 +304,7 @@ def reference_jitter(x: torch.Tensor, factors: list[float], order: list[int],
         elif op == 2:
             x = s * x + (1 - s) * (x * w).sum(0, keepdim=True)
         else:
-            x = (A._hue_matrices(torch.tensor([h]))[0] @ x.reshape(3, -1)).view_as(x)
+            x = (C._hue_matrices(torch.tensor([h]))[0] @ x.reshape(3, -1)).view_as(x)
         x = x.clamp(0, 1) if clamp_each else x
     return x
 
@@ -331,7 +332,7 @@ def reference_fused(x: torch.Tensor, factors: list[float], order: list[int], gra
     """One image, DALI ColorTwist-style: the chain unclamped, grayscale, then one clamp."""
     x = reference_jitter(x, factors, order, clamp_each=False)
     if gray:
-        x = (x * torch.tensor(A.GRAY_RGB)[:, None, None]).sum(0, keepdim=True).expand(3, -1, -1)
+        x = (x * torch.tensor(C.GRAY_RGB)[:, None, None]).sum(0, keepdim=True).expand(3, -1, -1)
     return x.clamp(0, 1)
 
 

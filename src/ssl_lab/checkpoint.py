@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ from ssl_lab.errors import UserError
 from ssl_lab.runtime import write_text_atomic
 
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
+_STEP_NAME = re.compile(r"step-\d{7}")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -96,20 +99,68 @@ def verify(ckpt: Path) -> bool:
         return False
 
 
+def _own_checkpoints(root: Path) -> list[Path]:
+    """step-XXXXXXX directories that really lie in `root`, newest first: a link to another run's
+    checkpoint is never followed (export would ship someone else's weights)."""
+    if not root.is_dir():
+        return []
+    real_root = root.resolve()
+    found = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and not p.is_symlink()
+             and p.is_dir() and p.resolve().parent == real_root]
+    return sorted(found, reverse=True)
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; warns about each damaged one it skips."""
+    """The newest checkpoint that verifies (None when there is none at all); warns about each
+    damaged one it skips, and stops with a UserError when every one is damaged: starting again
+    from step 0 would silently overwrite them."""
     root = checkpoint_root(run_dir)
-    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    latest = root / "latest"
-    if latest.is_file() and (root / latest.read_text().strip()).is_dir():
-        named = root / latest.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+    candidates = _own_checkpoints(root)
+    named = _latest_name(root)
+    if named is not None and root / named in candidates:
+        candidates = [root / named] + [c for c in candidates if c != root / named]
     for ckpt in candidates:
         if verify(ckpt):
             return ckpt
         warnings.warn(f"checkpoint {ckpt} is damaged (checksum mismatch); trying an older one",
                       stacklevel=2)
+    if candidates:
+        names = ", ".join(c.name for c in candidates)
+        raise UserError(f"every checkpoint in {root} is damaged ({names}); nothing was changed. "
+                        "Move them away to start the run again from step 0")
     return None
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        name = (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _STEP_NAME.fullmatch(name) else None
+
+
+def save_training(run_dir: Path, step: int, modules: dict[str, nn.Module],
+                  stateful: dict[str, Any], train_time: float, **extra: Any) -> Path:
+    """A training checkpoint: module weights, plus the state_dict() of every optimizer, grad
+    scaler or other stateful object in `stateful` (None entries are skipped)."""
+    state = {"step": step, "train_time_s": train_time, **extra,
+             **{name: obj.state_dict() for name, obj in stateful.items() if obj is not None}}
+    return save_checkpoint(run_dir, step, modules, state)
+
+
+def restore_training(run_dir: Path, modules: dict[str, nn.Module], stateful: dict[str, Any]
+                     ) -> tuple[int, float, dict[str, Any]]:
+    """(step, training seconds so far, the whole state) of the newest verified checkpoint, with
+    every module and stateful object loaded; (0, 0.0, {}) when there is no checkpoint."""
+    found = find_checkpoint(run_dir)
+    if found is None:
+        return 0, 0.0, {}
+    load_weights(found, modules)
+    state = load_state(found)
+    for name, obj in stateful.items():
+        if obj is not None and name in state:
+            obj.load_state_dict(state[name])
+    return int(state["step"]), float(state["train_time_s"]), state
 
 
 def load_weights(ckpt: Path, modules: dict[str, nn.Module], strict: bool = True) -> None:
@@ -142,4 +193,12 @@ def _check_compatible(module: nn.Module, sub: dict[str, torch.Tensor], ckpt: Pat
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    """The non-tensor training state; only plain containers and tensors are ever unpickled."""
+    try:
+        return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{ckpt / STATE} holds objects other than tensors and plain containers; "
+                        "ssl-lab does not load such files (they could run code)") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise UserError(f"cannot read {ckpt / STATE} ({str(exc).splitlines()[0][:200]}); the "
+                        "checkpoint is damaged") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssl_lab.config import split_config_args
+from ssl_lab.config import pop_options, split_config_args
 from ssl_lab.errors import UserError
 
 
@@ -34,21 +34,26 @@ def cmd_views(ns: argparse.Namespace) -> None:
 
     from ssl_lab.config import load_config
     from ssl_lab.data.views import ViewGenerator, get_recipe, save_view_grid
-    from ssl_lab.train import load_training_data, view_size
+    from ssl_lab.train_setup import load_training_data, view_size
 
-    path, overrides = split_config_args(ns.args)
+    options, args = pop_options(ns.args, {"out": "views.png", "rows": 8}, "views")
+    if not isinstance(options["rows"], int) or not 1 <= options["rows"] <= 64:
+        raise UserError(f"views: rows must be an integer in [1, 64], got {options['rows']!r}")
+    path, overrides = split_config_args(args)
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
-    images = torch.from_numpy(data.train.images[: ns.n])
+    n = options["rows"]
+    images = torch.from_numpy(data.train.images[:n])
     size = view_size(cfg, data)
     views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
                           size, cfg.views.n)
     out = views(images, torch.Generator().manual_seed(cfg.seed))
-    print(f"views: {save_view_grid(images, out, ns.out, n=ns.n)}")
+    print(f"views: {save_view_grid(images, out, str(options['out']), n=n)}")
 
 
 def cmd_data_pack(ns: argparse.Namespace) -> None:
-    from ssl_lab.data.pack import describe, pack, parse_options
+    from ssl_lab.data.pack import pack, parse_options
+    from ssl_lab.data.store import describe
 
     dest, packed = pack(ns.source, ns.dest, parse_options(ns.options))
     print(describe(dest) if packed else f"{dest} is already a complete store of {ns.source}; "
@@ -56,10 +61,13 @@ def cmd_data_pack(ns: argparse.Namespace) -> None:
 
 
 def cmd_data_info(ns: argparse.Namespace) -> None:
-    from ssl_lab.data.pack import describe, verify
+    from ssl_lab.data.store import describe, verify
 
+    options, rest = pop_options(ns.options, {"verify": False}, "data info")
+    if rest:
+        raise UserError(f"unexpected argument '{rest[0]}'; data info takes verify=true")
     print(describe(ns.dest))
-    if ns.verify:
+    if options["verify"]:
         bad = verify(ns.dest)
         if bad:
             raise UserError(f"{ns.dest}: checksum mismatch in {', '.join(bad)}; pack it again")
@@ -80,9 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("views", help="save a PNG grid of a batch's views")
-    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] (views.*, data.*)")
-    p.add_argument("--out", default="views.png")
-    p.add_argument("--n", type=int, default=8, help="how many images (rows)")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] (views.*, data.*); "
+                   "out=views.png, rows=8 (how many images)")
     p.set_defaults(func=cmd_views)
 
     p = sub.add_parser("data", help="packed datasets: pack a source into a memory-mapped store")
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_pack)
     q = data.add_parser("info", help="describe a packed store")
     q.add_argument("dest")
-    q.add_argument("--verify", action="store_true", help="re-compute every file's sha256")
+    q.add_argument("options", nargs="*", help="verify=true: re-compute every file's sha256")
     q.set_defaults(func=cmd_data_info)
 
     from ssl_lab import export, importer, sweep

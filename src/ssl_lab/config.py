@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import write_text_atomic
 
 
 @dataclass
@@ -40,7 +42,7 @@ class DataConfig:
 @dataclass
 class ViewsConfig:
     recipe: str = "simclr"
-    n: int = 4  # 4 views of 128 images beat 2 of 256 at the same views per step (RESULTS, session 10)
+    n: int = 4  # 4 views of 128 images beat 2 of 256 at the same views per step (docs/RESULTS.md)
     size: int = 0  # 0 = the dataset's default view size (data.sources.VIEW_SIZES, else its image size)
     noise_std: float = 0.1
     # fast views (Recipe.fast: crop, blur and one colour matrix as bf16 GEMMs, one clamp);
@@ -78,7 +80,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "simclr"
-    temperature: float = 0.2  # simclr / supcon
+    temperature: float = 0.2  # simclr / supcon / mocov3
     negatives: str | int = "all"  # simclr: "all" or k negatives per anchor
     lambd: float = 0.0051  # barlow_twins
     beta: float = 0.0051  # multiview_barlow
@@ -87,8 +89,16 @@ class MethodConfig:
     sim_weight: float = 25.0  # vicreg family
     var_weight: float = 25.0
     cov_weight: float = 1.0
-    predictor: str = "512"  # byol: hidden widths; the output always has z's width
-    momentum: float = 0.996  # byol target EMA, cosine-scheduled to 1
+    predictor: str = "512"  # byol / mocov3 / simsiam: hidden widths; the output has z's width
+    momentum: float = 0.996  # byol / mocov3 / dino: target EMA, cosine-scheduled to 1
+    predictor_fixed_lr: bool = False  # simsiam: the predictor keeps the peak lr (no schedule)
+    student_temp: float = 0.1  # dino
+    teacher_temp: float = 0.04  # dino: the teacher temperature after its warm-up
+    warmup_teacher_temp: float = 0.04  # dino: ... at step 0, linear to teacher_temp
+    warmup_teacher_temp_epochs: float = 0.0  # dino: length of that warm-up (0 = none)
+    center_momentum: float = 0.9  # dino: EMA of the teacher-output center
+    freeze_last_layer_epochs: float = 1.0  # dino: the head's last layer is not updated before
+    clip_grad: float = 0.0  # any method: per-parameter gradient-norm clip (DINO: 3.0), 0 = off
 
 
 @dataclass
@@ -135,6 +145,20 @@ class EvalConfig:
     # fp32 features by default: bf16 keeps 8 mantissa bits, which merges nearly collinear
     # features (narrow or barely trained encoders; docs/RESULTS.md). "train" = train.precision.
     precision: str = "fp32"
+    layers: str | None = None  # comma-separated layers to probe, e.g. "backbone,proj1"; null = all
+    # a layer whose probes fit this many MB is probed in RAM (full-batch L-BFGS on tensors);
+    # a larger one is streamed block by block from its feature file (docs/eval.md, "Memory")
+    ram_budget_mb: int = 2048
+    feature_dtype: str = "float32"  # feature files: float32 | float16 (half the disk, rounded)
+    feature_dir: str | None = None  # where the feature files go (null: inside the run directory)
+    keep_features: bool = False  # keep them (<feature_dir or run>/features/...), else removed
+    # "frozen": the per-layer probes only; "augmented" adds the papers' linear evaluation (SGD
+    # on random-resized-crop + flip views of the train images) of the layer eval.aug_layer
+    linear: str = "frozen"
+    aug_layer: str = "backbone"
+    aug_epochs: int = 100
+    aug_batch_size: int = 256
+    aug_lr: float = 0.1  # for a batch of 256: the used lr is aug_lr * aug_batch_size / 256
 
 
 @dataclass
@@ -264,6 +288,25 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def pop_options(args: list[str], defaults: dict[str, Any], command: str) -> tuple[dict, list[str]]:
+    """A command's own `name=value` options (every command takes key=value, as `train`):
+    ({name: value read as YAML, else the default}, the remaining arguments). Option names have
+    no dot, so they never collide with config keys."""
+    options, rest = dict(defaults), []
+    for text in args:
+        key, value = parse_override(text) if "=" in text else (None, None)
+        if key is None or "." in key or key in ("seed", "resume"):
+            rest.append(text)
+        elif key in defaults:
+            options[key] = value
+        else:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown {command} option '{key}'{hint} (options: "
+                            f"{', '.join(f'{k}=' for k in defaults)})")
+    return options, rest
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
@@ -274,10 +317,27 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def packaged_configs() -> Path:
+    """The recipes that ship inside the package (the repository's configs/ links to them)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML path as given, else a packaged recipe by name: `simclr`, `simclr.yaml` and
+    `configs/simclr.yaml` all work from any directory, also from an installed wheel."""
     path = Path(path)
+    if path.is_file() or len(path.parts) > 2 or len(path.parts) == 2 and path.parts[0] != "configs":
+        return path
+    packaged = packaged_configs() / f"{path.stem}.yaml"
+    return packaged if path.suffix in ("", ".yaml") and packaged.is_file() else path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = resolve_config_path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} not found; pass an existing YAML file (see configs/)")
+        names = ", ".join(sorted(p.stem for p in packaged_configs().glob("*.yaml")))
+        raise UserError(f"config file {path} not found; pass an existing YAML file or a packaged "
+                        f"recipe ({names})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -289,19 +349,105 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys that may differ from a run's saved config on resume: where files are, how often to log or
+# checkpoint, how long to run now, threads, and the offline evaluation at the end. None of them
+# changes a training step. train.epochs may be raised (resume_conflicts says what that means).
+RESUME_SAFE_KEYS = ("train.budget_s", "train.threads", "train.log_every_steps",
+                    "train.ckpt_every_steps", "data.root", "data.prefetch", "run.name", "eval.*")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults ← YAML file ← `key=value` overrides, then validated."""
-    tree: dict[str, Any] = read_yaml(path) if path else {}
+    """Defaults ← YAML file ← `key=value` overrides, then validated. With resume=true and a
+    run.dir that holds a run, the base is that run's config.yaml instead of the defaults."""
+    return load_typed(Config, path, overrides, RESUME_SAFE_KEYS, validate)
+
+
+def load_typed(cls: type, path: str | Path | None, overrides: list[str] | tuple = (),
+               safe_keys: tuple[str, ...] = (), check=None, base: dict | None = None) -> Any:
+    """Any command's typed config tree (a dataclass with `resume` and `run.dir`): `base` (or
+    the defaults) ← YAML file ← `key=value`; on resume the run's own config.yaml is the base
+    and what was given must agree with it (resume_conflicts). `check` validates values."""
+    given: dict[str, Any] = read_yaml(path) if path else {}
     for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(tree, key, value)
-    cfg = from_dict(tree)
-    validate(cfg)
+        set_dotted(given, *parse_override(text))
+    tree = _merge(base or {}, given)
+    cfg = from_dict(tree, cls)  # the user's own input is typed and checked first
+    saved = Path(cfg.run.dir) / "config.yaml" if cfg.resume and cfg.run.dir else None
+    if saved is not None and saved.is_file():
+        saved_tree = _saved_tree(saved)
+        try:
+            saved_cfg = from_dict(saved_tree, cls)
+        except UserError as exc:
+            raise UserError(f"cannot resume: {saved} is not a config of this command ({exc})"
+                            ) from None
+        typed = flatten(to_dict(cfg))  # what was given, as typed values (128 -> "128")
+        given_keys = [k for k in flatten(tree) if k in typed]
+        resume_conflicts(to_dict(saved_cfg), {k: typed[k] for k in given_keys}, safe_keys, saved)
+        cfg = from_dict(_merge(to_dict(saved_cfg), tree), cls)
+    if check is not None:
+        check(cfg)
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def _saved_tree(path: Path) -> dict[str, Any]:
+    try:
+        return read_yaml(path)
+    except UserError as exc:
+        raise UserError(f"cannot resume: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot resume: {path} is unreadable ({exc}); restore it or start a "
+                        "new run.dir") from None
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def resume_conflicts(saved: dict[str, Any], given: dict[str, Any], safe_keys: tuple[str, ...],
+                     path: Path) -> None:
+    """Refuse (one line, exit 2) a resume whose given keys differ from the saved run's, except
+    `safe_keys` (a trailing `.*` covers a section) and a raised train.epochs."""
+    saved_flat = flatten(saved)
+    for key, value in given.items():
+        if key in ("resume", "run.dir") or _is_safe(key, safe_keys) or key not in saved_flat:
+            continue
+        old = saved_flat[key]
+        if _same(old, value):
+            continue
+        if key == "train.epochs" and isinstance(value, (int, float)) and value > old:
+            sys.stderr.write(f"ssl-lab: train.epochs raised from {old} to {value} on resume: the "
+                             "lr schedule (warm-up + cosine) is recomputed for the new length from "
+                             "the resumed step on, so the lr jumps and the run no longer equals a "
+                             f"fresh {value}-epoch run\n")
+            continue
+        raise UserError(f"resume: {key} is {_short(old)} in {path} but {_short(value)} was given; "
+                        f"drop {key} to continue the run as saved, or start a new run.dir (README, "
+                        "'Resume', lists the keys that may change)")
+
+
+def _is_safe(key: str, safe_keys: tuple[str, ...]) -> bool:
+    return any(key == s or s.endswith(".*") and key.startswith(s[:-1]) for s in safe_keys)
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(
+            old, bool) and not isinstance(new, bool):
+        return float(old) == float(new)
+    return old == new
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """The resolved config as YAML, written whole or not at all."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -346,6 +492,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
     if not 0 < cfg.eval.train_fraction <= 1:
         raise UserError(f"eval.train_fraction must be in (0, 1], got {cfg.eval.train_fraction}")
+    for key, choices in (("feature_dtype", ("float32", "float16")),
+                         ("linear", ("frozen", "augmented"))):
+        if getattr(cfg.eval, key) not in choices:
+            raise UserError(f"config key 'eval.{key}' must be one of {', '.join(choices)}, "
+                            f"got {getattr(cfg.eval, key)!r}")
+    for key in ("ram_budget_mb", "aug_epochs", "aug_batch_size", "aug_lr"):
+        if not getattr(cfg.eval, key) > 0:
+            raise UserError(f"config key 'eval.{key}' must be > 0, got {getattr(cfg.eval, key)!r}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.views.ramp_end is not None and cfg.views.ramp_end < cfg.views.ramp_start:
@@ -360,6 +514,15 @@ def validate(cfg: Config) -> None:
         raise UserError(f"method.negatives must be 'all' or an int >= 1, got {neg!r}")
     if not 0 <= cfg.method.momentum <= 1:
         raise UserError(f"method.momentum must be in [0, 1], got {cfg.method.momentum}")
+    for key in ("method.student_temp", "method.teacher_temp", "method.warmup_teacher_temp"):
+        if not flat[key] > 0:
+            raise UserError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    for key in ("method.warmup_teacher_temp_epochs", "method.freeze_last_layer_epochs",
+                "method.clip_grad"):
+        if flat[key] < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    if not 0 <= cfg.method.center_momentum <= 1:
+        raise UserError(f"method.center_momentum must be in [0, 1], got {cfg.method.center_momentum}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

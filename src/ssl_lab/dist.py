@@ -1,18 +1,19 @@
 """Distributed data-parallel helpers (torchrun / DDP); every one is a no-op in one process.
 
-The recipe (docs/distributed.md has the commands, the lead's train.py the loop):
+The recipe (docs/distributed.md has the commands, ssl_lab/train.py the loop):
 
 - `optim.batch_size` stays the GLOBAL batch. Rank r trains on `shard_indices(...)`, its slice of
   the global batch, so every rank knows the global index of every sample.
-- Views are made per rank from `rank_generator_seed(seed, step, rank)` (rank 0 uses the
-  single-process seed, so a 1-process run is unchanged).
+- Views are made per rank from `seeding.rank_generator_seed(seed, step, rank)` (rank 0 uses
+  the single-process seed, so a 1-process run is unchanged).
 - BatchNorm is synchronised (`convert_sync_batchnorm`): statistics over the global batch, as in
   one process with the global batch. It works on CPU (gloo), unlike `torch.nn.SyncBatchNorm`.
 - The loss is computed on the GLOBAL batch on every rank (`global_loss`): outputs are gathered
   with the autograd-aware `all_gather`, and any randomness in the loss (simclr's `negatives=k`)
-  comes from a generator seeded identically on every rank (`shared_generator_seed`). Every
-  rank then holds the same loss value, and the gradients are exactly those of one process
-  with the global batch once they are averaged over ranks (DDP, or `all_reduce_grads`).
+  comes from a generator seeded identically on every rank (`seeding.shared_generator_seed`).
+  Every rank then holds the same loss value, and the gradients are exactly those of one
+  process with the global batch once DDP has averaged them over ranks (`wrap_ddp`; the online
+  probes, outside DDP, average theirs with `all_reduce_grads`).
 
 Why the gather's backward sums (and why DDP's averaging is then right): every rank computes the
 same global loss L(z_0, …, z_{W-1}) from the gathered shards z_q. The true gradient is
@@ -154,24 +155,6 @@ def shard_indices(perm: Tensor, rank: int, world_size: int, batch_per_rank: int,
     return perm[start:start + batch_per_rank]
 
 
-def rank_generator_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of rank `rank`'s view generator at `step`.
-
-    Rank 0 gets train.step_generator's single-process seed, so world size 1 is bit-identical to
-    a run without torchrun; rank r adds r·2³² (no run reaches 2³² steps, so no (step, rank)
-    pairs collide). Views differ from the single-process run's for ranks > 0: exactness is kept
-    for the loss and gradients, not for the augmentation draws.
-    """
-    return seed * 1_000_003 + step + 1 + (rank << 32)
-
-
-def shared_generator_seed(seed: int, step: int) -> int:
-    """Seed of the loss generator at `step`, the SAME on every rank (simclr negatives=k must
-    draw the same negatives for a given global anchor everywhere); disjoint from the view
-    seeds (2⁵⁰ is above any rank's offset)."""
-    return seed * 1_000_003 + step + 1 + (1 << 50)
-
-
 # ----------------------------------------------------------------------------- autograd collectives
 
 
@@ -238,8 +221,8 @@ def global_loss(loss_fn: Callable[..., Tensor], out: dict[str, Tensor], labels: 
 
 @torch.no_grad()
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average .grad over ranks in one flat all_reduce: what DDP does, without the wrapper.
-    Assumes every rank has gradients for the same parameters (the same graph on every rank)."""
+    """Average .grad over ranks in one flat all_reduce (for small modules outside DDP, such as
+    the online probes). Assumes every rank has gradients for the same parameters."""
     if not is_active():
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -262,15 +245,6 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     ids = [info.local_rank] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, **{no_sync: False})
-
-
-@torch.no_grad()
-def sync_module_states(module: nn.Module, src: int = 0) -> None:
-    """Broadcast parameters and buffers from rank `src` (after init or resume, as DDP does)."""
-    if not is_active():
-        return
-    for t in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(t.data, src)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -1,6 +1,6 @@
-"""`ssl-lab export RUN_DIR [layer=NAME|best] [--out PATH]`: the encoder cut at one layer.
+"""`ssl-lab export RUN_DIR [layer=NAME|best] [out=PATH]`: the encoder cut at one layer.
 
-Guillotine Regularization (papers.md §1): the layer to keep is often not the last one, so an
+Guillotine Regularization (Bordes et al., TMLR 2023): the layer to keep is often not the last one, so an
 export is "the network up to layer L". `PATH/encoder.safetensors` holds only the tensors a
 forward pass to L reads (input normalisation, stem, the stages/blocks up to L, projector blocks
 up to L); `PATH/export.json` holds the encoder spec, the layer and its width.
@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_lab.config import parse_override
+from ssl_lab.config import pop_options
 from ssl_lab.errors import UserError
-from ssl_lab.methods import Encoder
+from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
 
 EXPORT_JSON, WEIGHTS = "export.json", "encoder.safetensors"
 FORMAT = "ssl-lab-export"
@@ -133,7 +133,6 @@ def resolve_layer(run_dir: Path, layer: str, encoder: Encoder) -> tuple[str, str
 def export(run_dir: str | Path, layer: str = "best", out: str | Path | None = None) -> Path:
     """Write `out` (default RUN_DIR/export-<layer>) with encoder.safetensors + export.json."""
     from ssl_lab import checkpoint as ckpt_io
-    from ssl_lab.eval.run import load_encoder, read_spec
 
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
@@ -155,7 +154,7 @@ def _check_target(out: Path) -> None:
     """Never clobber something that is not a previous export."""
     if out.exists() and not (out / EXPORT_JSON).is_file() and (
             not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an ssl-lab export; choose another --out")
+        raise UserError(f"{out} exists and is not an ssl-lab export; choose another out=")
 
 
 def _write_atomic(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -171,7 +170,6 @@ def _write_atomic(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
 
 def load_exported(path: str | Path) -> ExportedEncoder:
     """The exported encoder (a directory made by `export`, or its export.json), in eval mode."""
-    from ssl_lab.eval.run import encoder_from_spec
 
     path = Path(path)
     folder = path.parent if path.name in (EXPORT_JSON, WEIGHTS) else path
@@ -200,13 +198,10 @@ def load_exported(path: str | Path) -> ExportedEncoder:
 
 
 def cmd_export(ns: argparse.Namespace) -> None:
-    layer = "best"
-    for text in ns.options:
-        key, value = parse_override(text)
-        if key != "layer":
-            raise UserError(f"unknown export option '{key}'; use layer=NAME or layer=best")
-        layer = str(value)
-    out = export(ns.run_dir, layer, ns.out)
+    options, rest = pop_options(ns.options, {"layer": "best", "out": None}, "export")
+    if rest:
+        raise UserError(f"unexpected argument '{rest[0]}'; export takes layer=NAME|best and out=PATH")
+    out = export(ns.run_dir, str(options["layer"]), options["out"])
     meta = json.loads((out / EXPORT_JSON).read_text())
     print(f"exported layer {meta['layer']} (width {meta['width']}, {meta['parameters']:,} "
           f"parameters) to {out}; load it with ssl_lab.export.load_exported('{out}')")
@@ -215,6 +210,6 @@ def cmd_export(ns: argparse.Namespace) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the encoder cut at one layer (default: best_layer)")
     p.add_argument("run_dir")
-    p.add_argument("options", nargs="*", help="layer=NAME or layer=best (default best)")
-    p.add_argument("--out", help="output directory (default RUN_DIR/export-<layer>)")
+    p.add_argument("options", nargs="*", help="layer=NAME|best (default best), out=PATH (default "
+                   "RUN_DIR/export-<layer>)")
     p.set_defaults(func=cmd_export)

@@ -148,7 +148,7 @@ def describe(state: dict[str, torch.Tensor]) -> str:
 def import_resnet(src: str | Path, dest: str | Path, config_overrides: list[str] = (),
                   **options: Any) -> Path:
     """Import SRC into a new run directory DEST; options as OPTIONS (backbone, in_chans, ...)."""
-    from ssl_lab.eval.run import encoder_from_spec
+    from ssl_lab.models.encoder import encoder_from_spec
 
     src, dest = Path(src), Path(dest)
     opts = _check_options(options)

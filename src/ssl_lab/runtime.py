@@ -24,21 +24,25 @@ def pick_device() -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = fp32). "auto": bf16 where the hardware does it natively.
 
-    On this project's 2-core AMX CPU the default model's full training loop ran ~15 % faster
-    in bf16 autocast + channels_last than in fp32 (bench/bench_train.py; docs/RESULTS.md, main job).
+    On a 2-core Intel Xeon with AMX the default model's full training loop ran ~15 % faster in
+    bf16 autocast + channels_last than in fp32 (bench/bench_train.py; docs/history.md). "fp16"
+    is loss-scaled by the training loops (torch.amp.GradScaler).
     """
     if precision == "fp32":
         return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise UserError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision == "fp16":  # loss-scaled by the training loop (torch.amp.GradScaler)
         return torch.float16
-    if device.type == "cuda":
+    if device.type == "cuda":  # fp16 on GPUs without bf16 (V100, T4): loss scaling needed
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     supported = torch.backends.mkldnn.is_available() and _cpu_has_bf16()
     if precision == "bf16" or supported:
         return torch.bfloat16
     return None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """"bfloat16", "float16" or "float32": what a precision setting resolved to."""
+    return str(amp_dtype or torch.float32).replace("torch.", "")
 
 
 def _cpu_has_bf16() -> bool:

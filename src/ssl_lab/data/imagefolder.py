@@ -19,11 +19,11 @@ import numpy as np
 
 from ssl_lab.data.splits import Loaded, Split, holdout
 from ssl_lab.errors import UserError
+from ssl_lab.seeding import HOLDOUT_SEED
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 MAX_SIZE = 64
 TEST_FRACTION = 0.2
-TEST_SEED = 0  # fixed, so the carved test set never depends on the run seed
 GRAY_MODES = {"1", "L", "LA"}
 
 
@@ -81,6 +81,7 @@ def fit_image(im, size: int | tuple[int, int], gray: bool, fit: str = "crop") ->
 
 
 def read_image(path: Path, size: int, gray: bool, fit: str = "crop") -> np.ndarray:
+    """The image file at `path` as uint8 (size, size, C) (see `fit_image`)."""
     with _open(path) as im:
         return fit_image(im, size, gray, fit)
 
@@ -112,6 +113,7 @@ class FolderIndex:
 
 
 def index_imagefolder(arg: str | None) -> FolderIndex:
+    """Index the folder `arg` (splits, classes, sizes) without decoding any pixel."""
     if not arg:
         raise UserError("imagefolder needs a path: data.name=imagefolder:PATH")
     folders = _split_folders(Path(arg).expanduser())
@@ -133,7 +135,7 @@ def index_imagefolder(arg: str | None) -> FolderIndex:
             sizes.append(min(im.size))
             gray &= im.mode in GRAY_MODES
     if "test" not in files:
-        keep, held = holdout(labels["train"], TEST_FRACTION, TEST_SEED)
+        keep, held = holdout(labels["train"], TEST_FRACTION, HOLDOUT_SEED)
         train = files["train"]
         files["train"], files["test"] = [train[i] for i in keep], [train[i] for i in held]
         labels["train"], labels["test"] = labels["train"][keep], labels["train"][held]
@@ -141,6 +143,7 @@ def index_imagefolder(arg: str | None) -> FolderIndex:
 
 
 def load_imagefolder(arg: str | None) -> Loaded:
+    """The `imagefolder:PATH` source: every image decoded and resized into RAM."""
     folder = index_imagefolder(arg)
     size = min(MAX_SIZE, folder.min_side)
     splits = {s: Split(_load(f, size, folder.gray), folder.labels[s])

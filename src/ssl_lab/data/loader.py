@@ -1,14 +1,14 @@
 """The training loop's batches: seeded per-epoch shuffling, rank sharding, background prefetch.
 
 Which samples make global step `step` is a pure function of (seed, epoch, step in epoch, rank):
-epoch `e` shuffles with `epoch_permutation(n, seed, e)` and rank r takes its block of the
+epoch `e` shuffles with `seeding.epoch_permutation(n, seed, e)` and rank r takes its block of the
 global batch (`dist.shard_indices`). So a run resumed mid-epoch gets the very batches the
 uninterrupted run would have had, whatever the source.
 
 Two sources of pixels:
 - an in-memory array (every built-in source): copied to the device once and indexed there,
   exactly what the loop did before the loader existed (no thread: indexing costs microseconds);
-- a packed store's memory map (`packed:PATH`, data/pack.py) or any np.memmap: each batch is read
+- a packed store's memory map (`packed:PATH`, data/store.py) or any np.memmap: each batch is read
   from the map (-> uint8 tensor -> pinned -> non_blocking copy on CUDA) in a background thread,
   `prefetch` batches ahead, while the device makes views of and trains on the current one.
   Only the batches in flight are ever in RAM.
@@ -25,12 +25,9 @@ import numpy as np
 import torch
 
 from ssl_lab import dist
+from ssl_lab.seeding import epoch_permutation
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (n, H, W, C), int64 labels (n,...)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def in_memory(images: Any) -> bool:

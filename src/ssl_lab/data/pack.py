@@ -1,23 +1,12 @@
-"""Packed stores: any source as uint8 images at one resolution, memory-mapped, with labels.
+"""Packing: any source as uint8 images at one resolution, in a store (format: data/store.py).
 
 `pack(SOURCE, DEST)` (CLI: `ssl-lab data pack`) reads a source once (ImageFolder files are
-streamed, never all in RAM) and writes DEST/:
-
-    header.json              format, version, source, resolution, channels, encoding, classes,
-                             per-split shape and the size + sha256 of every file below
-    <split>.images.npy       raw encoding: uint8 (N, H, W, C), read with np.load(mmap_mode="r")
-    <split>.jpeg             jpeg encoding: the images' JPEG files back to back ...
-    <split>.offsets.npy      ... and int64 (N + 1,) byte offsets into it
-    <split>.labels.npy       int64 (N,) or (N, F)
-
-for the source's splits (train, test and val when the source has its own). Images are resized
-(shorter side to R, centre crop; or `fit=pad`: longer side to R, centred on black); without
-`resolution` they keep the size `data.name=SOURCE` gives, so `packed:DEST` trains exactly like
-SOURCE. Everything is written in a hidden sibling folder renamed to DEST once complete (an
-interrupted pack leaves nothing that opens as a store); re-packing a finished store is a no-op.
-
-`open_store(DEST)` reads the header only: pixels are read from the memory map, a batch at a
-time (`StoreImages`); JSON and `.npy` with allow_pickle=False only, nothing is unpickled.
+streamed, never all in RAM) and writes the store DEST/ for the source's splits (train, test and
+val when the source has its own). Images are resized (shorter side to R, centre crop; or
+`fit=pad`: longer side to R, centred on black); without `resolution` they keep the size
+`data.name=SOURCE` gives, so `packed:DEST` trains exactly like SOURCE. Everything is written in
+a hidden sibling folder renamed to DEST once complete (an interrupted pack leaves nothing that
+opens as a store); re-packing a finished store is a no-op. Reading a store: data/store.py.
 """
 
 from __future__ import annotations
@@ -34,17 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ssl_lab import __version__
 from ssl_lab.checkpoint import fsync_dir, sha256_file
 from ssl_lab.config import parse_override
 from ssl_lab.data import imagefolder
-from ssl_lab.data.splits import Loaded, Split, count_classes
+from ssl_lab.data.sources import SOURCES, parse_name
+from ssl_lab.data.splits import Split, count_classes
+from ssl_lab.data.store import FORMAT, HEADER, VERSION, read_header
 from ssl_lab.errors import UserError
 
-FORMAT, VERSION, HEADER = "ssl-lab-store", 1, "header.json"
 SPLITS = ("train", "val", "test")
 FITS = ("crop", "pad")
 ENCODINGS = ("raw", "jpeg")
@@ -120,8 +109,6 @@ class _Plan:
 def _plan(kind: str, arg: str | None, opts: PackOptions) -> _Plan:
     if kind == "imagefolder":
         return _plan_folder(arg, opts)
-    from ssl_lab.data.sources import SOURCES  # sources imports this module for `packed:`
-
     loaded = SOURCES[kind][0](opts.root, arg)
     meta = {"factor_names": loaded.factor_names,
             "num_classes": loaded.num_classes or count_classes(loaded),
@@ -182,22 +169,12 @@ def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _decode_jpeg(blob: np.ndarray | bytes, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    return arr.reshape(*arr.shape[:2], channels)
-
-
 # ----------------------------------------------------------------------------- writing
 
 
 def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progress: bool = True
          ) -> tuple[Path, bool]:
     """Pack `source` (a data.name) into the store `dest`; (dest, False) if it was already there."""
-    from ssl_lab.data.sources import parse_name
-
     opts = opts or PackOptions()
     dest = Path(dest).expanduser()
     kind, arg = parse_name(source)
@@ -305,228 +282,3 @@ def _check_same(header: dict, source: str, opts: PackOptions, dest: Path) -> Non
         raise UserError(f"{dest} is already a store packed with {found}; delete it or choose "
                         "another DEST")
 
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not (path / HEADER).is_file():
-        partial = list(path.parent.glob(f".{path.name}.partial-*"))
-        why = " (an unfinished pack is next to it: run `ssl-lab data pack` again)" if partial \
-            else ""
-        raise UserError(f"{path} is not a packed store (no {HEADER}){why}; make one with "
-                        "`ssl-lab data pack SOURCE DEST`")
-    try:
-        header = json.loads((path / HEADER).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path / HEADER} is unreadable ({e}): pack the store again") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise UserError(f"{path / HEADER} is not an ssl-lab store header: pack the store again")
-    if header.get("version") != VERSION:
-        raise UserError(f"{path} is store version {header.get('version')}, this ssl-lab reads "
-                        f"version {VERSION}: pack it again")
-    return header
-
-
-def _check_file(path: Path, info: dict[str, Any]) -> Path:
-    file = path / info["name"]
-    size = file.stat().st_size if file.is_file() else None
-    if size != info["bytes"]:
-        raise UserError(f"store {path} is damaged: {info['name']} has {size} bytes, the header "
-                        f"says {info['bytes']}; pack it again")
-    return file
-
-
-def _load_npy(file: Path, mmap: bool = False) -> np.ndarray:
-    try:
-        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{file} is not a plain .npy array ({e}): pack the store again") from None
-
-
-class _RawReader:
-    """Rows of a uint8 (N, H, W, C) .npy through a read-only memory map."""
-
-    def __init__(self, file: Path):
-        self.array = _load_npy(file, mmap=True)
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-            return np.array(self.array[rows[0]:rows[-1] + 1])  # one sequential read
-        order = np.argsort(rows, kind="stable")  # file order: readahead helps on disks
-        out = np.empty((len(rows), *self.array.shape[1:]), np.uint8)
-        out[order] = self.array[rows[order]]
-        return out
-
-    def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(self.read(rows))
-
-
-class _JpegReader:
-    """JPEG blobs in one file (memory-mapped) and their offsets; decoded a batch at a time."""
-
-    def __init__(self, file: Path, offsets: Path, shape: tuple[int, ...]):
-        self.blobs = np.memmap(file, np.uint8, mode="r") if file.stat().st_size else \
-            np.zeros(0, np.uint8)
-        self.offsets = _load_npy(offsets)
-        self.shape = shape
-
-    def _blob(self, i: int) -> np.ndarray:
-        return np.array(self.blobs[self.offsets[i]:self.offsets[i + 1]])
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), *self.shape), np.uint8)
-        for k, i in enumerate(rows):
-            out[k] = _decode_jpeg(self._blob(int(i)), self.shape[-1])
-        return out
-
-    def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        """torchvision's batched decoder (on the GPU when `device` is one) when installed."""
-        tv_io = _torchvision_io()
-        if tv_io is None:
-            return torch.from_numpy(self.read(rows))
-        mode = tv_io.ImageReadMode.GRAY if self.shape[-1] == 1 else tv_io.ImageReadMode.RGB
-        blobs = [torch.from_numpy(self._blob(int(i))) for i in rows]
-        where = device if device.type == "cuda" else "cpu"
-        decoded = tv_io.decode_jpeg(blobs, mode=mode, device=where)
-        return torch.stack(decoded).permute(0, 2, 3, 1).contiguous()
-
-
-def _torchvision_io():
-    try:
-        from torchvision import io as tv_io
-    except Exception:  # not installed, or built against another torch: PIL decodes instead
-        return None
-    return tv_io
-
-
-class StoreImages:
-    """One split's images: a read-only uint8 (N, H, W, C) array-like over the memory map.
-
-    Indexing with an int, a slice or an integer array reads just those rows into a fresh
-    ndarray; `select(idx)` is a lazy subset (the val carve and data.fraction use it, so a
-    training split never has to be copied into RAM); `np.asarray(x)` reads every row.
-    """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 4
-
-    def __init__(self, reader: _RawReader | _JpegReader, shape: tuple[int, ...],
-                 rows: np.ndarray | None = None):
-        self._reader, self._rows = reader, rows
-        self.shape = (shape[0] if rows is None else len(rows), *shape[1:])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _absolute(self, rows: np.ndarray) -> np.ndarray:
-        return rows if self._rows is None else self._rows[rows]
-
-    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return self[np.array([key])][0]
-        rows = np.arange(len(self))[key]  # normalises slices, negatives and bounds
-        return self._reader.read(self._absolute(rows.astype(np.int64)))
-
-    def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The loader's path: uint8 (n, H, W, C) tensor, on `device` if the decoder put it there."""
-        return self._reader.fetch(self._absolute(np.asarray(rows, np.int64)), device)
-
-    def select(self, idx: np.ndarray) -> StoreImages:
-        rows = np.arange(len(self))[idx].astype(np.int64)
-        return StoreImages(self._reader, self.shape, self._absolute(rows))
-
-    def reshape(self, *shape: int) -> np.ndarray:
-        return np.asarray(self).reshape(*shape)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
-
-@dataclass
-class Store:
-    path: Path
-    header: dict[str, Any]
-
-    def images(self, split: str) -> StoreImages:
-        info = self.header["splits"][split]
-        files = {role: _check_file(self.path, f) for role, f in info["files"].items()}
-        shape = tuple(info["shape"])
-        if self.header["encoding"] == "jpeg":
-            offsets = files["offsets"]
-            reader: _RawReader | _JpegReader = _JpegReader(files["images"], offsets, shape[1:])
-            if len(reader.offsets) != shape[0] + 1:
-                raise UserError(f"store {self.path} is damaged: {offsets.name} does not match "
-                                f"{shape[0]} images; pack it again")
-        else:
-            reader = _RawReader(files["images"])
-            if reader.array.dtype != np.uint8 or reader.array.shape != shape:
-                raise UserError(f"store {self.path} is damaged: {files['images'].name} holds "
-                                f"{reader.array.dtype} {reader.array.shape}, the header says "
-                                f"uint8 {shape}; pack it again")
-        return StoreImages(reader, shape)
-
-    def labels(self, split: str) -> np.ndarray:
-        info = self.header["splits"][split]
-        labels = _load_npy(_check_file(self.path, info["files"]["labels"]))
-        if len(labels) != info["count"] or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"store {self.path} is damaged: {split} labels do not match the "
-                            "header; pack it again")
-        return labels.astype(np.int64, copy=False)
-
-    def split(self, name: str) -> Split | None:
-        return Split(self.images(name), self.labels(name)) \
-            if name in self.header["splits"] else None
-
-    def loaded(self) -> Loaded:
-        """What a source reader returns: the store's splits (lazy images), classes, factors."""
-        h = self.header
-        return Loaded(train=self.split("train"), test=self.split("test"), val=self.split("val"),
-                      factor_names=h["factor_names"], num_classes=h["num_classes"],
-                      class_names=h["class_names"], default_target=h["default_target"],
-                      split_key=h["split_key"])
-
-
-def open_store(path: str | Path) -> Store:
-    """The store at `path` (header and file sizes checked; no pixel is read)."""
-    path = Path(path).expanduser()
-    return Store(path, read_header(path))
-
-
-def load_packed(root: str | None, arg: str | None) -> Loaded:
-    """The `packed:PATH` source."""
-    if not arg:
-        raise UserError("packed needs a path: data.name=packed:PATH")
-    return open_store(arg).loaded()
-
-
-# ----------------------------------------------------------------------------- info
-
-
-def verify(path: str | Path) -> list[str]:
-    """Names of the store's files whose sha256 differs from the header's (reads every byte)."""
-    store = open_store(path)
-    return [f["name"] for s in store.header["splits"].values() for f in s["files"].values()
-            if sha256_file(_check_file(store.path, f)) != f["sha256"]]
-
-
-def describe(path: str | Path) -> str:
-    """Human-readable summary of a store (`ssl-lab data info`)."""
-    store = open_store(path)
-    h = store.header
-    total = sum(f["bytes"] for s in h["splits"].values() for f in s["files"].values())
-    height, width, channels = h["image_shape"]
-    encoding = h["encoding"] + (f" (quality {h['quality']})" if h["encoding"] == "jpeg" else "")
-    names = h["class_names"][0] if h["class_names"] else None
-    classes = f"{h['num_classes'][0]}" + (f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-                                           if names else "")
-    lines = [f"store     {store.path}", f"source    {h['source']}",
-             f"images    {height}x{width}x{channels} uint8, {encoding}, fit={h['fit']}",
-             f"classes   {classes}; factors {', '.join(h['factor_names'])}",
-             f"size      {total / 2**20:.1f} MiB; packed in {h['pack_s']:.1f} s on {h['created']}"]
-    for name, s in h["splits"].items():
-        sums = ", ".join(f"{f['name']} {f['sha256'][:12]}" for f in s["files"].values())
-        lines.append(f"{name:<9} {s['count']} images; sha256 {sums}")
-    return "\n".join(lines)

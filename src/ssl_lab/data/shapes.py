@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssl_lab.data.splits import Loaded, Split, rng_for
+from ssl_lab.data.splits import Loaded, Split
 from ssl_lab.errors import UserError
+from ssl_lab.seeding import numpy_rng
 
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLOURS = {
@@ -94,8 +95,8 @@ def draw(n: int, size: int, rng: np.random.Generator) -> Split:
 def load_shapes(arg: str | None) -> Loaded:
     opts = parse_options(arg)
     # Train and test are independent draws from separate streams of the option seed.
-    train = draw(opts["n"], opts["size"], rng_for(opts["seed"], 0))
-    test = draw(opts["n"] // 5, opts["size"], rng_for(opts["seed"], 1))
+    train = draw(opts["n"], opts["size"], numpy_rng(opts["seed"], 0))
+    test = draw(opts["n"] // 5, opts["size"], numpy_rng(opts["seed"], 1))
     bins = [f"bin{k}" for k in range(N_BINS)]
     return Loaded(
         train=train,

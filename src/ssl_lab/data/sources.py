@@ -11,7 +11,7 @@ Names are `kind` or `kind:ARG`; see `available_datasets()`:
 - `imagefolder:PATH` -- PATH/<class>/<image> (see imagefolder.py); `npz:PATH` -- an .npz
   archive with x_train,y_train,x_test,y_test[,x_val,y_val] or images,labels (+ optional
   factor_names) -- test = a fixed stratified 20% for the latter.
-- `packed:PATH` -- a store made by `ssl-lab data pack` (see pack.py): images stay memory-mapped
+- `packed:PATH` -- a store made by `ssl-lab data pack` (see store.py): images stay memory-mapped
   and are read a batch at a time; val is carved as for the store's source.
 
 An explicit `root` is authoritative: if the files are not there it is an error, not a silent
@@ -41,10 +41,11 @@ from ssl_lab.data.splits import (
     carve_val,
     count_classes,
     holdout,
-    rng_for,
     subset,
 )
+from ssl_lab.data.store import load_packed
 from ssl_lab.errors import UserError
+from ssl_lab.seeding import HOLDOUT_SEED, numpy_rng
 
 __all__ = ["DatasetSplits", "Split", "available_datasets", "load_dataset"]
 
@@ -60,10 +61,10 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer",
                  "dog", "horse", "monkey", "ship", "truck"]
-HOLDOUT_SEED = 0  # fixed: carved test sets must not move with the run seed
 
 
 def cache_dir() -> Path:
+    """Where downloads go (~/.cache/ssl-lab)."""
     return Path.home() / ".cache" / "ssl-lab"
 
 
@@ -248,12 +249,6 @@ def _load_npz(root: str | None, arg: str | None) -> Loaded:
                   factor_names=_npz_factor_names(path, arrays, n_factors))
 
 
-def _load_packed(root: str | None, arg: str | None) -> Loaded:
-    from ssl_lab.data.pack import load_packed  # torch-importing: only when a store is read
-
-    return load_packed(root, arg)
-
-
 # kind -> (reader(root, arg), takes an ARG?). A literal dict: adding a source is one line.
 SOURCES: dict[str, tuple[Callable[[str | None, str | None], Loaded], bool]] = {
     "fashion-mnist": (_load_fashion, False),
@@ -264,11 +259,12 @@ SOURCES: dict[str, tuple[Callable[[str | None, str | None], Loaded], bool]] = {
     "stl10": (_load_stl10, False),
     "imagefolder": (lambda root, arg: load_imagefolder(arg), True),
     "npz": (_load_npz, True),
-    "packed": (_load_packed, True),
+    "packed": (load_packed, True),
 }
 # The view size `views.size=0` resolves to, where it is not the image size. Fashion-MNIST's
 # 28-px images make better and cheaper SSL views at 20 px for the main job's budget (3 epochs
-# at 20 px beat 2 at 28 px on three seeds in about the same time: docs/RESULTS.md, session 8).
+# at 20 px beat 2 at 28 px on three seeds in about the same time: docs/RESULTS.md, "How the
+# defaults were chosen").
 VIEW_SIZES = {"fashion-mnist": 20}
 
 
@@ -328,11 +324,11 @@ def load_dataset(
     key = zlib.crc32((loaded.split_key or kind).encode())  # stable across processes, unlike hash()
     train, val = loaded.train, loaded.val
     if val is None:
-        train, val = carve_val(train, val_fraction, rng_for(seed, key, 0))
+        train, val = carve_val(train, val_fraction, numpy_rng(seed, key, 0))
     if len(train) == 0:
         raise UserError(f"{name} has no training images left after the validation split: "
                         "lower val_fraction or add data")
-    train = subset(train, fraction, rng_for(seed, key, 1))
+    train = subset(train, fraction, numpy_rng(seed, key, 1))
     return DatasetSplits(
         name=name.strip(),
         train=train,

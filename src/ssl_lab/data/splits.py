@@ -12,13 +12,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ssl_lab.errors import UserError
+from ssl_lab.seeding import numpy_rng
 
 
 @dataclass
 class Split:
     """One split: uint8 images (N, H, W, C) and int64 labels (N,) or (N, F).
 
-    `images` is an array, or a packed store's lazy rows (data/pack.py: same shape, dtype and
+    `images` is an array, or a packed store's lazy rows (data/store.py: same shape, dtype and
     indexing), whose `select` keeps a subset without reading pixels.
     """
 
@@ -99,17 +100,12 @@ class Loaded:
     split_key: str | None = None
 
 
-def rng_for(*keys: int) -> np.random.Generator:
-    # Modulo 2**64: SeedSequence rejects negative integers, and a seed of -1 is legitimate.
-    return np.random.default_rng([int(k) % 2**64 for k in keys])
-
-
 def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (keep, held_out) index arrays; stratified per class for single-label data.
 
     Stratifying keeps small test sets (digits, a few-image imagefolder) balanced.
     """
-    rng = rng_for(seed, 0x7E57)
+    rng = numpy_rng(seed, 0x7E57)
     if labels.ndim != 1:
         perm = rng.permutation(len(labels))
         n_out = round(fraction * len(labels))

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from ssl_lab.data import augment as A
+from ssl_lab.data import color as C
+from ssl_lab.data import resample as R
 from ssl_lab.errors import UserError
 
 Params = dict[str, torch.Tensor]
@@ -61,7 +63,7 @@ class Recipe:
     solarize_p: PerView = 0.0
     solarize_threshold: float = 0.5
     noise_std: float = 0.0
-    # fast: colour ops fused into one matrix and one clamp (augment.fused_color) and a bf16
+    # fast: colour ops fused into one matrix and one clamp (color.fused_color) and a bf16
     # blur where native; False: torchvision's clamp after every colour op and an fp32 blur
     fast: bool = False
     # antialias: crops that shrink are low-pass filtered first (torchvision >= 0.17's default,
@@ -258,7 +260,7 @@ class ViewGenerator:
                 boxes = A.const((0, 0, h, w), dev).expand(m, 4)
             flip = p.get("flip", torch.zeros(m, dtype=torch.bool, device=dev))
             if self.recipe.antialias and max(h, w) > s:  # some crops may shrink
-                x = A.crop_flip_resize_antialiased(src, boxes, flip, s)
+                x = R.crop_flip_resize_antialiased(src, boxes, flip, s)
             else:
                 x = A.crop_flip_resize(src, boxes, flip, s, self._buffer("grid", (m, s, s, 2), dev))
         else:
@@ -268,27 +270,27 @@ class ViewGenerator:
         fast = self.recipe.fast
         colour = "jitter" in p or "grayscale" in p
         work = self._buffer("work", x.shape, dev) if (colour or "blur" in p) else x
-        mats = A.jitter_matrices(*(p[k] for k in JITTER_OPS), channels=c) if "jitter" in p else None
+        mats = C.jitter_matrices(*(p[k] for k in JITTER_OPS), channels=c) if "jitter" in p else None
         if fast and colour:
-            A.fused_color(x, mats, p.get("contrast"), p.get("jitter_order"), p.get("grayscale"),
+            C.fused_color(x, mats, p.get("contrast"), p.get("jitter_order"), p.get("grayscale"),
                           work)
         if not fast and mats is not None:
-            A.color_jitter(x, mats, p["contrast"], p["jitter_order"], work)
+            C.color_jitter(x, mats, p["contrast"], p["jitter_order"], work)
         if not fast and "grayscale" in p:
-            A.grayscale(x, p["grayscale"])
+            C.grayscale(x, p["grayscale"])
         if "blur" in p:
             k = A.blur_kernel_size(s, self.recipe.blur_kernel_frac)
             A.gaussian_blur(x, p["blur_sigma"], p["blur"], k, work,
                             bf16=fast and A.native_bf16_matmul(dev))
         if "solarize" in p:
-            A.solarize(x, p["solarize"], self.recipe.solarize_threshold)
+            C.solarize(x, p["solarize"], self.recipe.solarize_threshold)
         if "noise" in p:
             x.add_(p["noise"])
         return x.view(v, n, c, s, s)
 
     def _separable(self, images: torch.Tensor, p: Params) -> torch.Tensor:
         """Fast views (M, C, S, S): crop, flip, resize, blur and the colour map as two GEMMs per
-        view (augment.separable_views, bf16 where native), then solarize and noise."""
+        view (resample.separable_views, bf16 where native), then solarize and noise."""
         n, h, w, c = images.shape
         v, s, dev = self.n_views, self.size, images.device
         m = v * n
@@ -302,24 +304,24 @@ class ViewGenerator:
         if "blur" in p:
             k = A.blur_kernel_size(s, self.recipe.blur_kernel_frac)
             blur = image_major(A.gauss_kernels(p["blur_sigma"], p["blur"], k))
-        rows, cols = A.resample_matrices(
+        rows, cols = R.resample_matrices(
             boxes, flip, h, w, s, self.recipe.antialias, blur,
             out=(self._buffer("rows", (m, s, h), dev), self._buffer("cols", (m, s, w), dev)))
         dtype = torch.bfloat16 if A.native_bf16_matmul(dev) else torch.float32
         src = self._buffer("src-hwc", (n, h, w * c), dev, dtype).copy_(images.view(n, h, w * c))
         matrix = shift = None
         if "jitter" in p or "grayscale" in p:
-            mats = A.jitter_matrices(*(image_major(p[k]) for k in JITTER_OPS), channels=c) \
+            mats = C.jitter_matrices(*(image_major(p[k]) for k in JITTER_OPS), channels=c) \
                 if "jitter" in p else None
-            matrix, shift = A.color_map(
+            matrix, shift = C.color_map(
                 mats, *(image_major(p[k]) if k in p else None
                         for k in ("contrast", "jitter_order", "grayscale")),
-                A.crop_means(src, rows, cols) if mats is not None else None, c)
-        x = A.separable_views(src, rows, cols, matrix, shift, c,
+                R.crop_means(src, rows, cols) if mats is not None else None, c)
+        x = R.separable_views(src, rows, cols, matrix, shift, c,
                               lambda name, shape, dt: self._buffer(f"gemm-{name}", shape, dev, dt))
         x = x.view(m, c, s, s)
         if "solarize" in p:
-            A.solarize(x, p["solarize"], self.recipe.solarize_threshold)
+            C.solarize(x, p["solarize"], self.recipe.solarize_threshold)
         if "noise" in p:
             x.add_(p["noise"])
         return x

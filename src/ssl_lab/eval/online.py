@@ -41,9 +41,3 @@ class OnlineProbes(nn.Module):
         self.correct = {name: torch.zeros(()) for name in self.heads}
         self.seen = torch.zeros(())
         return acc
-
-    @torch.no_grad()
-    def accuracy(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-        """Accuracy of each head on given (e.g. un-augmented validation) features."""
-        return {name: (head(features[name].float()).argmax(1) == labels).float().mean().item()
-                for name, head in self.heads.items()}

@@ -1,16 +1,18 @@
 """Infusion training (Bordes, Honari, Vincent; ICLR 2017): a generative Markov chain learnt by
 "infusing" the target into the chain that produces its training inputs.
 
-Notation (papers.md §5). The generative chain draws z_0 ~ p_0 (a per-pixel Gaussian fitted to
-the training set), then z_t ~ p_t(z_t | z_{t-1}) for t = 1..T, where p_t is a factorised Gaussian
-whose mean and variance a *transition operator* computes from z_{t-1} and the step index t.
+Notation (as in the paper, arXiv 1703.06975). The generative chain draws z_0 ~ p_0 (a per-pixel
+Gaussian fitted to the training set), then z_t ~ p_t(z_t | z_{t-1}) for t = 1..T, where p_t is a
+factorised Gaussian whose mean and variance a *transition operator* computes from z_{t-1} and
+the step index t.
 The *training* (infusion) chain starts the same way, but each of its states z̃_t (t < T) takes,
 per pixel, the target x_i with probability α_t = α_0 + ω·t and a draw of p_t otherwise. The
 loss is Σ_t w_t · (−log p_t(x | z̃_{t-1})) with w_t = t/T (the authors' code), and no gradient
 flows through the chain's states (they are samples; the paper treats them as fixed inputs).
 
 Everything here is a pure function of tensors and a `torch.Generator`, shape (N, C, H, W) with
-pixels in [0, 1], device-agnostic. Run directories and the CLI live in `infusion_run.py`.
+pixels in [0, 1], device-agnostic. Config, training, sampling/scoring and the command line are
+in `infusion_config.py`, `infusion_train.py`, `infusion_eval.py` and `infusion_run.py`.
 """
 
 from __future__ import annotations

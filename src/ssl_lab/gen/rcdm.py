@@ -1,11 +1,12 @@
-"""RCDM (Bordes, Balestriero, Vincent, TMLR 2022): a diffusion model conditioned on a frozen
-representation h(x), to *see* what a layer of an SSL encoder keeps.
+"""RCDM (Bordes, Balestriero, Vincent, TMLR 2022, arXiv 2112.09164): a diffusion model
+conditioned on a frozen representation h(x), to *see* what a layer of an SSL encoder keeps.
 
 The UNet and the noise schedules are the field's library (`diffusers`); this module keeps only
 what is specific to RCDM: the conditioning (a Linear from standardised h to the time-embedding
 width, added to the timestep embedding, with scale-shift group norm in every res-block, as in
 the authors' ADM code), the ε-prediction loss, DDIM sampling, interpolation, and faithfulness
-by retrieval. Commands, config and the training loop live in `rcdm_run.py`.
+by retrieval. The config is in `rcdm_config.py`, training in `rcdm_train.py`, sampling and
+scoring in `rcdm_sample.py` / `rcdm_score.py`, the command line in `rcdm_run.py`.
 
 Images travel as uint8 (N, H, W, C) like everywhere in ssl-lab; the UNet sees them on a
 "canvas": resized to `content` pixels, padded with black to `size` (a multiple of
@@ -291,9 +292,3 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 2, 
     tmp.replace(path)
     return path
 
-
-def add_commands(sub) -> None:
-    """`ssl-lab rcdm {train,sample,score}` (defined in rcdm_run.py; re-exported here)."""
-    from ssl_lab.gen.rcdm_run import add_commands as _add
-
-    _add(sub)

@@ -8,8 +8,8 @@ Every backbone built by `build_backbone` exposes (timm-like):
   `features(x, layers)` -> {name: pooled (N, C)} computing only as deep as needed;
 - `config`: JSON-serialisable constructor arguments; `build_backbone(**config)` rebuilds it.
 
-Layer names (design.md): ResNet `stage1`..`stage3` + `backbone`; ViT `block1`..`blockL` +
-`backbone`; projector `proj1`..`projN`.
+Layer names, used by every probe, evaluation and plot: ResNet `stage1`..`stage3` + `backbone`;
+ViT `block1`..`blockL` + `backbone`; projector `proj1`..`projN`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ state dict without `fc.*` loads with `strict=True` when `stem="imagenet"` and `w
 - `stem="cifar"`: 3x3 conv stride 1, no max-pool (small images); `"imagenet"`: 7x7 stride 2
   conv + 3x3 stride 2 max-pool.
 - `width` multiplies the base channels 64/128/256/512 (rounded, at least 1).
-- `last_width` (papers.md §2, Expand or Narrow): only the LAST residual block of stage 4
+- `last_width` (Expand or Narrow, Bordes et al. 2023): only the LAST residual block of stage 4
   changes: its output conv (BasicBlock conv2 / Bottleneck conv3) and BN write `last_width`
   channels, with a 1x1 conv + BN projection shortcut when its input width differs. Every other
   parameter keeps its shape, so runs with different D differ in that one block only.

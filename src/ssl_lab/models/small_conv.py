@@ -2,7 +2,8 @@
 
 Why: on small images the last ResNet stages see 4x4 and 2x2 maps. There oneDNN's convolution
 backward is several times slower than its forward (a 3x3, 128 -> 512 conv on 2x2 maps took
-~27 % of a whole training step of the session-6 default model on the CI CPU, docs/RESULTS.md),
+~27 % of a whole training step of the default model of the time on a 2-core Intel Xeon;
+docs/RESULTS.md, "Small-map convolutions as one matmul"),
 because a 2x2 map leaves almost nothing to parallelise or vectorise over. On such a map the
 convolution is just a linear map from all C*H*W inputs to all O*H'*W' outputs whose
 (O*H'*W') x (C*H*W) matrix repeats the kernel taps; built once per call from the weight

@@ -13,7 +13,7 @@ rounded to a multiple of `heads`.
 Layer names: `block1` ... `blockL` (pooled output of each block, before the final norm) and
 `backbone` (pooled output of the final LayerNorm).
 
-`last_width` (papers.md §2, design.md): the LAST block's MLP writes `last_width` channels and
+`last_width` (Expand or Narrow, Bordes et al. 2023): the LAST block's MLP writes `last_width` channels and
 its residual goes through a Linear(dim -> last_width); the final LayerNorm has `last_width`
 channels; `embed_dim = last_width`. Nothing else changes shape.
 """

@@ -1,0 +1,121 @@
+"""What `rcdm train`, `sample` and `score` share: the frozen encoder, the RCDM spec (rcdm.json),
+the model, the encoder run's data, and a trained run loaded for sampling (`load_run`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssl_lab import checkpoint as ckpt_io
+from ssl_lab.config import Config, from_dict, read_yaml
+from ssl_lab.data.sources import DatasetSplits, load_dataset
+from ssl_lab.errors import UserError
+from ssl_lab.eval.run import extract_features
+from ssl_lab.gen import rcdm
+from ssl_lab.gen.rcdm_config import RCDMConfig, read_run_config
+from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
+from ssl_lab.runtime import pick_device, resolve_precision
+
+FEATURE_BATCH = 512
+
+
+@dataclass
+class Built:
+    """A frozen encoder and an RCDM (the EMA weights, for sampling) on one device."""
+
+    cfg: RCDMConfig
+    spec: dict  # rcdm.json
+    encoder: Encoder
+    model: rcdm.RCDM
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.spec["in_channels"], self.spec["size"], self.spec["size"])
+
+    @property
+    def content(self) -> int:
+        return self.spec["content"]
+
+
+def check_encoder_dir(path: str) -> dict:
+    """The encoder run's spec (encoder.json); a clear error when it is not an encoder run."""
+    if not path or not Path(path).is_dir():
+        raise UserError(f"encoder run {path!r} does not exist; pass a directory made by "
+                        "`ssl-lab train` as ENCODER_RUN")
+    return read_spec(Path(path))
+
+
+def make_encoder(cfg: RCDMConfig, enc_spec: dict) -> Encoder:
+    if cfg.random_init:
+        encoder = encoder_from_spec(enc_spec, seed=cfg.seed).eval()
+    else:
+        encoder = load_encoder(Path(cfg.encoder))
+    if cfg.layer not in encoder.feature_dims:
+        raise UserError(f"layer={cfg.layer!r} is not a layer of this encoder; choose one of "
+                        f"{', '.join(encoder.layer_names)}")
+    return encoder.requires_grad_(False)
+
+
+def make_spec(cfg: RCDMConfig, enc_spec: dict, encoder: Encoder) -> dict:
+    """rcdm.json: what rebuilds the model without the config (UNet shape, canvas, layer) and
+    which encoder checkpoint its features came from."""
+    content = cfg.unet.content or enc_spec["image_size"]
+    if content > cfg.unet.size:
+        raise UserError(f"unet.content={content} does not fit in unet.size={cfg.unet.size}; raise "
+                        "unet.size or set unet.content smaller")
+    found = None if cfg.random_init else ckpt_io.find_checkpoint(Path(cfg.encoder))
+    return {"encoder": str(Path(cfg.encoder).resolve()), "encoder_checkpoint": str(found) if found
+            else None, "layer": cfg.layer, "random_init": cfg.random_init, "seed": cfg.seed,
+            "feature_dim": encoder.feature_dims[cfg.layer], "in_channels": enc_spec["in_chans"],
+            "size": cfg.unet.size, "content": content, "channels": list(rcdm.parse_channels(
+                cfg.unet.channels)), "layers_per_block": cfg.unet.layers_per_block,
+            "attention": cfg.unet.attention, "norm_groups": cfg.unet.norm_groups,
+            "dataset": enc_spec["dataset"]}
+
+
+def make_model(spec: dict) -> rcdm.RCDM:
+    unet = rcdm.build_unet(spec["size"], spec["in_channels"], spec["channels"],
+                           spec["layers_per_block"], spec["attention"], spec["norm_groups"])
+    return rcdm.RCDM(unet, spec["feature_dim"])
+
+
+def encoder_data(cfg: RCDMConfig, fraction: float = 1.0) -> DatasetSplits:
+    """The encoder's dataset, split exactly as the encoder run split it."""
+    enc_cfg = from_dict(read_yaml(Path(cfg.encoder) / "config.yaml"), Config)
+    data = load_dataset(enc_cfg.data.name, enc_cfg.data.root,
+                        val_fraction=enc_cfg.data.val_fraction, seed=enc_cfg.seed,
+                        fraction=fraction)
+    return data.select_target(enc_cfg.data.target)
+
+
+def load_run(run_dir: Path) -> Built:
+    """A trained RCDM run for sampling/scoring: the EMA weights and its encoder."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    spec = json.loads((run_dir / "rcdm.json").read_text())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    encoder = make_encoder(cfg, check_encoder_dir(cfg.encoder))
+    model = make_model(spec)
+    found = ckpt_io.find_checkpoint(run_dir)
+    if found is None:
+        raise UserError(f"no complete checkpoint in {run_dir}/checkpoints; train it first "
+                        f"(ssl-lab rcdm train run.dir={run_dir} resume=true)")
+    modules = {"ema": model} | ({"encoder": encoder} if cfg.random_init else {})
+    ckpt_io.load_weights(found, modules)
+    device = pick_device()
+    return Built(cfg, spec, encoder.eval(), model.to(device).eval(), device,
+                 resolve_precision(cfg.train.precision, device))
+
+
+def features(built: Built, images: np.ndarray, desc: str = "features") -> torch.Tensor:
+    """h(x) of uint8 images at the run's layer: float32 (N, D) on the CPU."""
+    layer = built.spec["layer"]
+    return extract_features(built.encoder, images, [layer], FEATURE_BATCH, built.device,
+                            built.amp_dtype, desc=desc)[layer]

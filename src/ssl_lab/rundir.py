@@ -1,0 +1,205 @@
+"""The run directory every training command writes: named paths, create / refuse-to-overwrite /
+resume, atomic result files, and one writer at a time.
+
+`train`, `rcdm train` and `infusion train` all go through `RunDir`: nothing is created before the
+command's inputs are validated (`RunDir.check` only looks), files are replaced whole or not at
+all, and an exclusive lock (`RunDir.lock`) makes a second process on the same directory stop at
+once instead of interleaving its checkpoints with the first one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_lab.config import save_config
+from ssl_lab.errors import UserError
+from ssl_lab.runtime import env_info, precision_name, utc_stamp, write_text_atomic
+
+LOCK_NAME = ".lock"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory's named paths (nothing is touched on construction)."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def env(self) -> Path:
+        return self.path / "env.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def started(self) -> bool:
+        """A run has started once its config.yaml exists (it is written first)."""
+        return self.config.is_file()
+
+    @classmethod
+    def check(cls, run_dir: str | None, resume: bool, default_name: str) -> RunDir:
+        """The directory a command will use, after checking it may be used; creates nothing.
+
+        A new directory per run (`runs/<default_name>-<UTC stamp>` unless given); an existing
+        run only with resume=true, so work is never overwritten. resume=true on a directory that
+        holds no run yet starts it.
+        """
+        if run_dir:
+            path = Path(run_dir)
+        elif resume:
+            raise UserError("resume=true needs run.dir=<the run directory to continue>")
+        else:
+            path = Path("runs") / f"{default_name}-{utc_stamp()}"
+        if path.exists() and not path.is_dir():
+            raise UserError(f"run.dir {path} is a file, not a directory; choose another run.dir")
+        out = cls(path)
+        if path.is_dir() and not resume and _holds_anything(path):
+            raise UserError(f"run directory {path} already exists; pass resume=true to continue it "
+                            "or choose another run.dir")
+        return out
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run directory {self.path} ({exc.strerror or exc}); "
+                            "choose a writable run.dir") from None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return write_text_atomic(self.path / name, json.dumps(obj, indent=1))
+
+    def write_env(self, device: Any, **extra: Any) -> Path:
+        return write_text_atomic(self.env, json.dumps(env_info(device) | extra, indent=1))
+
+    @contextlib.contextmanager
+    def take(self, resume: bool) -> Iterator[None]:
+        """Create the directory and hold its writer lock for the whole run (a second writer
+        stops at once with a UserError)."""
+        self.create()
+        with self.lock():
+            if not resume and self.started:  # another process started it since check() looked
+                raise UserError(f"run directory {self.path} already exists; pass resume=true to "
+                                "continue it or choose another run.dir")
+            yield
+
+    def write_start(self, cfg: Any, spec_name: str, spec: Any, device: Any,
+                    amp_dtype: torch.dtype | None, grad_scaler: bool, step: int, **env: Any) -> None:
+        """After a successful restore: config.yaml first (a run has started once it exists),
+        then the application's own spec (encoder.json, rcdm.json...), then env.json with the
+        resolved precision."""
+        save_config(cfg, self.config)
+        self.write_json(spec_name, spec)
+        self.write_env(device, precision=precision_name(amp_dtype), grad_scaler=grad_scaler,
+                       resumed_at_step=step, **env)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory's exclusive writer lock (see RunLock)."""
+        lock = RunLock(self.path / LOCK_NAME)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def _holds_anything(path: Path) -> bool:
+    return any(p.name != LOCK_NAME for p in path.iterdir())
+
+
+class RunLock:
+    """An exclusive lock file naming its holder (pid, host, start time).
+
+    The kernel's `flock` does the locking, so a holder killed with kill -9 releases it at once
+    and the stale file (still naming it) is taken over by the next writer, with a note. A file
+    system without working flock (some network mounts) is an error, not a silent non-lock.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = self._open_locked()
+            # a releasing holder unlinks the file: a lock on the old inode would be no lock
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            os.close(fd)
+        stale = _read_holder(fd, default="")
+        if stale:  # the file outlived its holder (kill -9, power loss): flock already let go
+            sys.stderr.write(f"ssl-lab: taking over the stale lock of {stale} in {self.path.parent}\n")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def _open_locked(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {self.path} ({exc.strerror}); choose a "
+                            "writable run.dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd, default="another process")
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UserError(f"run directory {self.path.parent} is in use by {holder}; wait for "
+                                "that process to end (or stop it) before writing to this run") from None
+            raise UserError(f"cannot lock {self.path} ({exc.strerror}); use a local run.dir") from None
+        return fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_holder(fd: int, default: str) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return default

@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 from ssl_lab.config import load_config
-from ssl_lab.train import load_training_data, train
+from ssl_lab.train import train
+from ssl_lab.train_setup import load_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import full_loop_steps  # noqa: E402
@@ -73,7 +74,8 @@ def budget_overrides(path: Path, overrides: list[str], minutes: float, out: Path
 
 
 def table(results: list[tuple[str, dict]]) -> str:
-    layers = list(results[0][1]["probes"])
+    # every config's layers, in first-seen order: a deeper head (DINO's proj4) gets its column
+    layers = list(dict.fromkeys(k for _, s in results for k in s["probes"]))
     head = ("| config | " + " | ".join(layers)
             + " | best (val) | kNN@best | epochs | train s | views/s |")
     lines = [head, "|" + "---|" * (len(layers) + 6)]

@@ -546,3 +546,203 @@ def test_bad_arguments_raise():
             simclr(z, negatives=bad)
     with pytest.raises(ValueError, match="temperature"):
         simclr(z, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# SimSiam, MoCo v3, DINO: references from the papers' pseudo-code (explicit loops, float64),
+# transcriptions of the authors' code, and properties.
+# ----------------------------------------------------------------------------------------------
+from ssl_lab.losses import dino, mocov3, simsiam  # noqa: E402
+
+
+def _cos(a, b):
+    return _dot(a, b) / math.sqrt(_dot(a, a) * _dot(b, b))
+
+
+def _log_softmax(row, tau):
+    scaled = [x / tau for x in row]
+    top = max(scaled)
+    lse = top + math.log(sum(math.exp(x - top) for x in scaled))
+    return [x - lse for x in scaled]
+
+
+def ref_simsiam(p, z):
+    """SimSiam Algorithm 1, D(p, z) = -cos(p, z) batch-averaged, over the ordered view pairs."""
+    V, N = len(p), len(p[0])
+    pairs = [(i, j) for i in range(V) for j in range(V) if i != j]
+    return sum(sum(-_cos(p[i][n], z[j][n]) for n in range(N)) / N for i, j in pairs) / len(pairs)
+
+
+def ref_mocov3(q, k, tau):
+    """MoCo v3 Algorithm 1: ctr(q, k) = CE(q·kᵀ/τ on unit vectors, labels = arange N) · 2τ."""
+    V, N = len(q), len(q[0])
+
+    def ctr(a, b):
+        ce = 0.0
+        for n in range(N):
+            logits = [_cos(a[n], b[m]) / tau for m in range(N)]
+            ce -= _log_softmax(logits, 1.0)[n]
+        return ce / N * 2 * tau
+
+    return sum(ctr(q[i], k[j]) for i in range(V) for j in range(V) if i != j) / (V - 1)
+
+
+def ref_dino(student, teacher, center, ts, tt):
+    """DINO Algorithm 1 with multi-crop: H(t, s) = -Σ_k softmax((t - c)/τt)_k log softmax(s/τs)_k,
+    averaged over the batch and over every (teacher crop, other student crop) pair."""
+    Vs, Vt, N = len(student), len(teacher), len(student[0])
+    total, terms = 0.0, 0
+    for t in range(Vt):
+        for s in range(Vs):
+            if s == t:
+                continue
+            h = 0.0
+            for n in range(N):
+                q = [math.exp(x) for x in _log_softmax(
+                    [a - c for a, c in zip(teacher[t][n], center, strict=True)], tt)]
+                h -= _dot(q, _log_softmax(student[s][n], ts))
+            total += h / N
+            terms += 1
+    return total / terms
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_simsiam_matches_reference(shape):
+    p, z = rand(shape, seed=40), rand(shape, seed=41)
+    close(simsiam(p, z), ref_simsiam(p.double().tolist(), z.double().tolist()))
+
+
+def test_simsiam_two_views_is_the_papers_symmetric_form():
+    p, z = rand((2, 6, 5), seed=42), rand((2, 6, 5), seed=43)
+    crit = nn.CosineSimilarity(dim=1)  # main_simsiam.py's criterion
+    p1, p2, z1, z2 = p[0].double(), p[1].double(), z[0].double(), z[1].double()
+    expected = -(crit(p1, z2).mean() + crit(p2, z1).mean()) * 0.5
+    close(simsiam(p, z), expected.item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_mocov3_matches_reference(shape, tau):
+    q, k = rand(shape, seed=44), rand(shape, seed=45)
+    close(mocov3(q, k, tau), ref_mocov3(q.double().tolist(), k.double().tolist(), tau))
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_mocov3_two_views_is_the_authors_two_term_form(tau):
+    """moco/builder.py: ctr_loss(q1, k2) + ctr_loss(q2, k1), CrossEntropyLoss × 2τ."""
+    q, k = rand((2, 7, 5), seed=46), rand((2, 7, 5), seed=47)
+
+    def ctr_loss(a, b):
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        logits = torch.einsum("nc,mc->nm", [a, b]) / tau
+        return nn.CrossEntropyLoss()(logits, torch.arange(a.shape[0])) * (2 * tau)
+
+    q1, q2, k1, k2 = q[0].double(), q[1].double(), k[0].double(), k[1].double()
+    close(mocov3(q, k, tau), (ctr_loss(q1, k2) + ctr_loss(q2, k1)).item())
+
+
+DINO_SHAPES = [(2, 2, 4, 6), (3, 3, 3, 5), (6, 2, 4, 7), (4, 1, 3, 4)]  # (Vs, Vt, N, K)
+
+
+@pytest.mark.parametrize("vs,vt,n,k", DINO_SHAPES)
+@pytest.mark.parametrize("ts,tt", [(0.1, 0.04), (0.5, 0.3)])
+def test_dino_matches_reference(vs, vt, n, k, ts, tt):
+    s, t, c = rand((vs, n, k), seed=48), rand((vt, n, k), seed=49), rand((k,), seed=50) * 0.3
+    expected = ref_dino(s.double().tolist(), t.double().tolist(), c.double().tolist(), ts, tt)
+    close(dino(s, t, c, ts, tt), expected)
+
+
+def test_dino_multi_crop_is_the_authors_dino_loss():
+    """main_dino.py DINOLoss.forward (chunks of the crop-major batch), 2 global + 4 local crops."""
+    s, t, c = rand((6, 5, 8), seed=51), rand((2, 5, 8), seed=52), rand((8,), seed=53)
+    student_out = (s.double().flatten(0, 1) / 0.1).chunk(6)
+    teacher_out = F.softmax((t.double().flatten(0, 1) - c.double()[None]) / 0.04, dim=-1).chunk(2)
+    total_loss, n_loss_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            total_loss += torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+            n_loss_terms += 1
+    assert n_loss_terms == 2 * 6 - 2
+    close(dino(s, t, c), (total_loss / n_loss_terms).item())
+
+
+def test_dino_with_a_uniform_teacher_is_the_students_mean_entropy_term():
+    """Constant teacher rows give q = 1/K: each pair's term is -(1/K) Σ_k log p_s,k."""
+    s, c = rand((5, 4, 6), seed=54), rand((6,), seed=55)
+    t = c.expand(2, 4, 6) + 3.0  # teacher - center is constant along K
+    log_p = F.log_softmax(s.double() / 0.1, dim=-1)
+    per_crop = -log_p.mean(dim=-1).mean(dim=-1)  # (Vs,): batch mean of -(1/K) Σ_k log p
+    expected = sum(per_crop[j] for i in range(2) for j in range(5) if j != i) / (2 * 5 - 2)
+    close(dino(s, t, c), expected.item())
+
+
+def test_new_losses_send_no_gradient_to_their_targets():
+    p = rand((3, 4, 3), seed=56, dtype=torch.float64).requires_grad_()
+    z = rand((3, 4, 3), seed=57, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: simsiam(x, z), (p,))
+    assert torch.autograd.gradcheck(lambda x: mocov3(x, z, 0.3), (p,))
+    for loss in (simsiam(p, z), mocov3(p, z)):
+        loss.backward()
+        assert z.grad is None and p.grad is not None
+    s = rand((4, 3, 5), seed=58, dtype=torch.float64).requires_grad_()
+    t = rand((2, 3, 5), seed=59, dtype=torch.float64).requires_grad_()
+    c = rand((5,), seed=60, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: dino(x, t, c, 0.3, 0.2), (s,))
+    dino(s, t, c).backward()
+    assert t.grad is None and c.grad is None and s.grad is not None
+
+
+NEW_LOSSES = {
+    "simsiam": lambda z: simsiam(z, z.roll(1, dims=-1)),
+    "mocov3": lambda z: mocov3(z, z.roll(1, dims=-1)),
+    "dino": lambda z: dino(z, z[:2].roll(1, dims=-1), z[0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", NEW_LOSSES)
+def test_new_losses_are_float32_0dim_under_bf16_autocast(name):
+    zb = rand((3, 6, 8), seed=61).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = NEW_LOSSES[name](zb)
+    assert out.dtype == torch.float32 and out.shape == () and torch.isfinite(out)
+    torch.testing.assert_close(out, NEW_LOSSES[name](zb.float()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("V", [2, 3])
+def test_new_losses_sample_order_invariance(V):
+    z, t = rand((V, 6, 5), seed=62), rand((V, 6, 5), seed=63)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    c = rand((5,), seed=64)
+    pairs = [(simsiam(z, t), simsiam(z[:, perm], t[:, perm])),
+             (mocov3(z, t), mocov3(z[:, perm], t[:, perm])),
+             (dino(z, t[:1], c), dino(z[:, perm], t[:1, perm], c))]
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_new_losses_bad_inputs_raise():
+    z = torch.randn(2, 4, 3)
+    for fn in (simsiam, mocov3):
+        with pytest.raises(ValueError, match="same"):
+            fn(z, torch.randn(2, 4, 5))
+        with pytest.raises(ValueError, match="views"):
+            fn(torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        mocov3(z, z, temperature=0.0)
+    with pytest.raises(ValueError, match="teacher"):
+        dino(z, torch.randn(3, 4, 3), torch.zeros(3))  # more teacher crops than student crops
+    with pytest.raises(ValueError, match="teacher"):
+        dino(z, torch.randn(1, 5, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match="center"):
+        dino(z, z[:1], torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="teacher_temp"):
+        dino(z, z[:1], torch.zeros(3), teacher_temp=0.0)
+
+
+def test_dino_takes_the_teacher_temperature_as_a_0dim_tensor():
+    """What ssl_lab.methods passes (a buffer, so torch.compile does not recompile per value)."""
+    s, t, c = rand((4, 5, 6), seed=65), rand((2, 5, 6), seed=66), rand((6,), seed=67)
+    torch.testing.assert_close(dino(s, t, c, 0.1, torch.tensor(0.05)), dino(s, t, c, 0.1, 0.05),
+                               rtol=0, atol=0)

@@ -13,14 +13,26 @@ from ssl_lab.config import OptimConfig
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
     """Norm weights and biases (all ≤1-D parameters) get no decay and no LARS adaptation, as in
-    the SimCLR/BYOL/VICReg recipes: decaying a BN scale fights the normalisation itself."""
-    decay, no_decay = [], []
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    the SimCLR/BYOL/VICReg recipes: decaying a BN scale fights the normalisation itself.
+
+    A module with a true `fixed_lr` attribute (SimSiam's predictor with
+    method.predictor_fixed_lr) gets its own two groups, marked `fix_lr`, after the usual two."""
+    modules = list(modules)
+    groups = []
+    for fixed in (False, True):
+        decay, no_decay = [], []
+        for module in modules:
+            if bool(getattr(module, "fixed_lr", False)) != fixed:
+                continue
+            for param in module.parameters():
+                if param.requires_grad:
+                    (no_decay if param.ndim <= 1 else decay).append(param)
+        if fixed and not decay and not no_decay:
+            continue
+        mark = {"fix_lr": True} if fixed else {}
+        groups += [{"params": decay, "weight_decay": weight_decay, **mark},
+                   {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **mark}]
+    return groups
 
 
 class LARS(torch.optim.Optimizer):
@@ -49,7 +61,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """`cfg.name`'s optimizer over `param_groups(modules)` at `lr`. Groups marked `fix_lr`
+    remember `lr` as their `fixed_lr`, which `set_lr` keeps (SimSiam: the predictor's lr is
+    the peak lr throughout, no warm-up and no decay)."""
     groups = param_groups(modules, cfg.weight_decay)
+    for g in groups:
+        if g.pop("fix_lr", False):
+            g["fixed_lr"] = lr
     if cfg.name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
@@ -76,5 +94,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final_fra
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr for every group, except groups with a `fixed_lr` (build_optimizer)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("fixed_lr", lr)

@@ -1,5 +1,6 @@
 """Contrastive losses: SimCLR's NT-Xent (any number of views, optional k sampled negatives)
-and supervised contrastive (SupCon). Both are the SupCon "outside" average of log-softmaxes.
+and supervised contrastive (SupCon), both the SupCon "outside" average of log-softmaxes; and
+MoCo v3's query-vs-key cross-entropy (queries and keys from two different networks).
 
 Layout convention: z (V, N, D) is flattened to M = V*N rows, row r = v*N + n (view-major), so
 for V = 2 the rows are cat([z[0], z[1]]) as in SimCLR's reference code.
@@ -130,3 +131,31 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
         not_self = ~torch.eye(V * N, dtype=torch.bool, device=z.device)
         pos = (row_labels[:, None] == row_labels[None, :]) & not_self
         return _outside_loss(logits, pos, not_self)
+
+
+def mocov3(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He 2021, Algorithm 1) on (V, N, D) tensors.
+
+    q: the base encoder's predictor outputs; k: the momentum encoder's projector outputs,
+    detached here. With L2-normalised rows and τ = temperature,
+        ctr(a, b) = CrossEntropy(a·bᵀ / τ, targets = arange(N)) · 2τ,
+    i.e. sample n of view a is classified among the N samples of view b (the other samples are
+    the negatives: pass the global batch to get the paper's gathered negatives). The loss is
+    Σ_{i≠j} ctr(q_i, k_j) / (V − 1): at V = 2, ctr(q₁, k₂) + ctr(q₂, k₁) as in the paper.
+    Computed in float32 (float64 inputs stay float64) with autocast off; returns a 0-dim tensor.
+    """
+    V, N, _ = check_views(q, "q")
+    check_views(k, "k")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same (V, N, D) shape, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    _check_temperature(temperature)
+    with no_autocast(q):
+        dtype = compute_dtype(q, k)
+        qn = F.normalize(q.to(dtype), dim=-1)
+        kn = F.normalize(k.detach().to(dtype), dim=-1)
+        targets = torch.arange(N, device=q.device)
+        # one (N, N) logit matrix at a time: memory stays O(N²) for any number of views
+        total = sum(F.cross_entropy(qn[i] @ kn[j].T / temperature, targets)
+                    for i in range(V) for j in range(V) if i != j)
+        return total * (2 * temperature) / (V - 1)

@@ -1,5 +1,5 @@
 """Redundancy-reduction losses: Barlow Twins, VICReg, and the multi-view (mean-embedding) forms
-of Ghosh et al. 2024 (papers.md §6). All take z (V, N, D) and return a 0-dim tensor computed in
+of Ghosh et al. 2024 (NeurIPS, arXiv 2312.10725). All take z (V, N, D) and return a 0-dim tensor computed in
 float32 (float64 inputs stay float64) with autocast off.
 """
 
@@ -80,7 +80,7 @@ def vicreg(
 
 
 def multiview_barlow(z: Tensor, beta: float = 0.0051) -> Tensor:
-    """Multi-view Barlow Twins with the mean embedding (Ghosh et al. 2024, fastssl; papers.md §6).
+    """Multi-view Barlow Twins with the mean embedding (Ghosh et al. 2024, the fastssl code).
 
     Standardise per dimension over ALL V·N rows together (biased var, eps 1e-5), z̄ = mean over
     views (N, D):

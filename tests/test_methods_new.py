@@ -333,3 +333,30 @@ def test_methods_table_has_a_column_for_every_layer(monkeypatch):
                         ("dino", {**row, "probes": {"backbone": 0.9, "proj1": 0.6, "proj4": 0.5}})])
     head, _, byol_row, dino_row = text.splitlines()
     assert "| proj4 |" in head and byol_row.count(" - ") == 1 and "| 50.0 |" in dino_row
+
+
+def test_a_dino_runs_head_layers_are_probed_exported_and_condition_rcdm(tmp_path):
+    """DINO's head layers are ordinary layer names everywhere: offline probes of every head
+    layer, export at the bottleneck, and RCDM conditioned on it for a few steps."""
+    from ssl_lab.eval.run import evaluate_run
+    from ssl_lab.export import export, load_exported
+    from ssl_lab.gen.rcdm_config import load_train_config
+    from ssl_lab.gen.rcdm_train import train_rcdm
+
+    over = tiny_run_overrides(tmp_path / "d", **{
+        "method.name": "dino", "model.projector": DINO_HEAD, "views.n": 2,
+        "views.recipe": "byol", "eval.enabled": False, "train.epochs": 1})
+    run = train(load_config(None, over))
+    report = evaluate_run(run, ["eval.baselines=false", "eval.knn_k=5"])
+    assert {"proj1", "proj2", "proj3", "proj4"} <= set(report["layers"])
+    out = export(run, "proj3", str(tmp_path / "exp"))
+    net = load_exported(out)
+    x = torch.rand(3, net.in_chans, net.image_size, net.image_size)
+    z = net(x)
+    assert net.layer == "proj3" and z.shape == (3, net.width)
+    assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)  # the L2-normalised bottleneck
+    rcdm = train_rcdm(load_train_config(str(run), [
+        f"run.dir={tmp_path / 'r'}", "layer=proj3", "unet.size=16", "unet.channels=16-32",
+        "data.fraction=0.1", "train.batch_size=32", "train.epochs=1", "train.preview=false"]))
+    summary = json.loads((rcdm / "summary.json").read_text())
+    assert summary["layer"] == "proj3" and math.isfinite(summary["final_loss"])

@@ -19,14 +19,8 @@ import torch
 
 from ssl_lab.config import load_config
 from ssl_lab.eval.metrics import linear_probe
-from ssl_lab.eval.run import (
-    SPLITS,
-    eval_precision,
-    features_by_split,
-    load_encoder,
-    pixel_features,
-    probe_data,
-)
+from ssl_lab.eval.run import SPLITS, eval_precision, features_by_split, pixel_features, probe_data
+from ssl_lab.models.encoder import load_encoder
 from ssl_lab.runtime import pick_device
 
 

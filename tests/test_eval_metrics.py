@@ -337,3 +337,41 @@ def test_evaluate_layer_passes_the_knn_settings_on():
     assert out["knn_test"] == one_nn
     assert one_nn != default
     assert M.evaluate_layer(*splits, num_classes=3)["knn_test"] == default
+
+
+# ----------------------------------------------------------------------------- probe internals
+@pytest.mark.parametrize("n, dim", [(1003, 7), (5, 3), (64, 0)])
+def test_chunked_loss_and_gradient_match_the_definition(n, dim):
+    """The probe's (K, N) loss-and-gradient pass, its forward GEMM split into column chunks
+    (with a remainder, fewer columns than chunks, no feature at all), against mean
+    cross-entropy + wd/2·||W||² written per sample in float64, differentiated by autograd."""
+    from ssl_lab.eval.linear import _Dense
+
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, dim, generator=g), torch.randint(4, (n,), generator=g)
+    theta, wd = torch.randn(dim + 1, 4, generator=g) * 0.3, 1e-2
+    ref = theta.double().requires_grad_()
+    w, b = ref[:-1], ref[-1]
+    loss = sum(-torch.log_softmax(x[i].double() @ w + b, 0)[y[i]] for i in range(n)) / n
+    loss = loss + 0.5 * wd * (w * w).sum()
+    loss.backward()
+    f, grad = _Dense(x.T.contiguous(), y, 4).loss_grad(theta, wd)
+    assert f == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert torch.allclose(grad.double(), ref.grad, atol=1e-5)
+
+
+def test_constant_train_columns_leave_the_linear_probe_unchanged():
+    """Exactly-zero standardised train columns are left out of the fit: the probe must be the
+    same as without them, whatever val and test hold in those columns."""
+    x, y = _blobs(1200, 6, 3, sep=2.5, seed=13)
+    splits = list(_splits(x, y, 700, 250))
+    ref = M.linear_probe(*splits, num_classes=3)
+    g = torch.Generator().manual_seed(14)
+    for i in (0, 2, 4):  # a constant column in train; anything in val / test
+        extra = torch.full((len(splits[i]), 2), 3.0) if i == 0 else \
+            torch.randn(len(splits[i]), 2, generator=g)
+        splits[i] = torch.cat([splits[i][:, :2], extra, splits[i][:, 2:]], 1)
+    out = M.linear_probe(*splits, num_classes=3)
+    assert out["weight_decay"] == ref["weight_decay"]
+    assert out["val_by_wd"] == pytest.approx(ref["val_by_wd"], abs=1 / 250)
+    assert out["test"] == pytest.approx(ref["test"], abs=1 / 250)

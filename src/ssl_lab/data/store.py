@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,17 @@ class _RawReader:
     def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.read(rows))
 
+    def release_pages(self) -> None:
+        _release(self.array)
+
+
+def _release(mapped_array: np.ndarray) -> None:
+    """madvise(DONTNEED) on a memory map: the pages read so far leave this process's RSS (the
+    page cache keeps them, so reading them again costs no I/O)."""
+    mapped = getattr(mapped_array, "_mmap", None)
+    if mapped is not None:
+        mapped.madvise(mmap.MADV_DONTNEED)
+
 
 class _JpegReader:
     """JPEG blobs in one file (memory-mapped) and their offsets; decoded a batch at a time."""
@@ -105,6 +117,9 @@ class _JpegReader:
             np.zeros(0, np.uint8)
         self.offsets = _load_npy(offsets)
         self.shape = shape
+
+    def release_pages(self) -> None:
+        _release(self.blobs)
 
     def _blob(self, i: int) -> np.ndarray:
         return np.array(self.blobs[self.offsets[i]:self.offsets[i + 1]])
@@ -166,6 +181,10 @@ class StoreImages:
     def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         """The loader's path: uint8 (n, H, W, C) tensor, on `device` if the decoder put it there."""
         return self._reader.fetch(self._absolute(np.asarray(rows, np.int64)), device)
+
+    def release_pages(self) -> None:
+        """Drop the pages read so far from this process's RSS (evaluation calls it per block)."""
+        self._reader.release_pages()
 
     def select(self, idx: np.ndarray) -> StoreImages:
         rows = np.arange(len(self))[idx].astype(np.int64)

@@ -1,8 +1,11 @@
-"""Offline evaluation of a run: features once per layer, probes per layer, baselines, plot.
+"""Offline evaluation of a run: features once per split, probes per layer, baselines, plot.
 
 `ssl-lab eval RUN_DIR [data.name=...]` lands here, and so does the end of `ssl-lab train`.
-Baselines that do not depend on the run (raw pixels; a random-init encoder of the same
-architecture) are cached by dataset and architecture, so a sweep pays for them once.
+Each split's features of the selected layers (`eval.layers`) are written once, in one forward
+pass, to feature files (eval.features); each layer is then probed from them, in RAM or block by
+block (eval.probes), so memory does not grow with the dataset. Baselines that do not depend on
+the run (raw pixels; a random-init encoder of the same architecture) are cached by dataset and
+architecture, so a sweep pays for them once. docs/eval.md describes the protocols.
 """
 
 from __future__ import annotations
@@ -10,53 +13,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ssl_lab import checkpoint as ckpt_io
-from ssl_lab.config import Config, ModelConfig, load_config
+from ssl_lab.config import Config, load_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
-from ssl_lab.eval.metrics import evaluate_layer, knn_classify, linear_probe
-from ssl_lab.methods import Encoder
+from ssl_lab.eval import blocked, probes
+from ssl_lab.eval.augmented import augmented_linear, check_layer
+from ssl_lab.eval.features import FeatureDir, FeatureWriter, ImageRows, Rows, release_pages
+from ssl_lab.eval.inputs import to_model_input
+from ssl_lab.eval.metrics import knn_classify, linear_probe
+from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
 from ssl_lab.runtime import autocast, pick_device, resolve_precision, write_text_atomic
 
+__all__ = ["SPLITS", "dataset_tag", "eval_precision", "evaluate_run", "extract_features",
+           "features_by_split", "pixel_features", "print_layer_table", "probe_data",
+           "to_model_input"]
 SPLITS = ("train", "val", "test")
-
-
-# ----------------------------------------------------------------------------- encoders
-
-
-def read_spec(run_dir: Path) -> dict:
-    path = Path(run_dir) / "encoder.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not an ssl-lab run directory (no encoder.json); pass the "
-                        "directory that `ssl-lab train` created")
-    return json.loads(path.read_text())
-
-
-def encoder_from_spec(spec: dict, seed: int = 0) -> Encoder:
-    torch.manual_seed(seed)
-    return Encoder(ModelConfig(**spec["model"]), spec["in_chans"], spec["image_size"],
-                   spec["mean"], spec["std"])
-
-
-def load_encoder(run_dir: Path) -> Encoder:
-    """The trained encoder of a run (its newest verified checkpoint), in eval mode."""
-    encoder = encoder_from_spec(read_spec(run_dir))
-    found = ckpt_io.find_checkpoint(Path(run_dir))
-    if found is None:
-        raise UserError(f"no complete checkpoint in {run_dir}/checkpoints; train the run first "
-                        "(or resume it with resume=true)")
-    holder = torch.nn.Module()
-    holder.encoder = encoder
-    ckpt_io.load_weights(found, {"model": holder}, strict=False)
-    return encoder.eval()
+_RELEASE_EVERY = 32  # batches between releases of a packed store's read pages
 
 
 # ----------------------------------------------------------------------------- features
@@ -75,78 +56,120 @@ def eval_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     return resolve_precision(cfg.train.precision, device) if cfg.eval.precision == "train" else None
 
 
-def to_model_input(batch: torch.Tensor, in_chans: int, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, C) → float (N, in_chans, size, size) in [0, 1]: channels matched (grey
-    repeated to RGB, RGB to luminance) and resized, so any dataset can be probed (transfer)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[1] == 1 and in_chans == 3:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 3 and in_chans == 1:
-        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(
-            1, keepdim=True)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 @torch.no_grad()
 def extract_features(encoder: Encoder, images: np.ndarray, layers: list[str], batch_size: int,
-                     device: torch.device, amp_dtype: torch.dtype | None, desc: str = "features"
-                     ) -> dict[str, torch.Tensor]:
-    """All requested layers in one forward pass per batch; float32 CPU tensors (N, C)."""
+                     device: torch.device, amp_dtype: torch.dtype | None, desc: str = "features",
+                     out: dict[str, FeatureWriter] | None = None) -> dict:
+    """All requested layers in one forward pass per batch. Without `out`: float32 CPU tensors
+    (N, C) per layer; with `out` ({layer: FeatureWriter}), each batch is appended to its file."""
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
-    # Written into preallocated tensors, not concatenated from per-batch chunks: chunks + their
-    # concatenation held every layer's features twice at the evaluation's memory peak.
-    out = {name: torch.empty(len(images), encoder.feature_dims[name]) for name in layers}
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
-        batch = torch.from_numpy(images[start:start + batch_size]).to(device)
+    if out is None:
+        # Written into preallocated tensors, not concatenated from per-batch chunks: chunks +
+        # their concatenation held every layer's features twice at the memory peak.
+        tensors = {name: torch.empty(len(images), encoder.feature_dims[name]) for name in layers}
+    for i, start in enumerate(tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
+                                   unit="batch")):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
         with autocast(device, amp_dtype):
-            feats = encoder.features(to_model_input(batch, encoder.in_chans, encoder.image_size), layers)
+            feats = encoder.features(
+                to_model_input(batch.to(device), encoder.in_chans, encoder.image_size), layers)
         for name in layers:
-            out[name][start:start + len(batch)].copy_(feats[name])
-    return out
+            if out is None:
+                tensors[name][start:start + len(batch)].copy_(feats[name])
+            else:
+                out[name].write(feats[name])
+        if (i + 1) % _RELEASE_EVERY == 0:
+            release_pages(images)
+    release_pages(images)
+    return tensors if out is None else out
 
 
 def features_by_split(encoder: Encoder, data: DatasetSplits, layers: list[str], batch_size: int,
                       device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, dict]:
+    """{split: {layer: (N, C) float32 CPU tensor}}, all in RAM (small data; tools)."""
     return {split: extract_features(encoder, getattr(data, split).images, layers, batch_size,
                                     device, amp_dtype, desc=f"features/{split}")
             for split in SPLITS}
 
 
+def select_layers(encoder: Encoder, spec: str | None) -> list[str]:
+    """eval.layers ("backbone,proj1"; null or "all" = every layer), in the encoder's order."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(encoder.layer_names)
+    asked = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in encoder.feature_dims]
+    if unknown or not asked:
+        raise UserError(f"eval.layers: unknown layer(s) {', '.join(unknown) or spec!r}; valid "
+                        f"layers: {', '.join(encoder.layer_names)} (comma-separated, or all)")
+    return [name for name in encoder.layer_names if name in asked]
+
+
+def write_features(encoder: Encoder, data: DatasetSplits, layers: list[str], cfg: Config,
+                   device: torch.device, amp_dtype: torch.dtype | None, fdir: FeatureDir
+                   ) -> dict[str, dict[str, Rows]]:
+    """Each split's features of `layers`, written once into `fdir`: {split: {layer: Rows}}."""
+    rows = {}
+    for split in SPLITS:
+        images = getattr(data, split).images
+        writers = {name: fdir.writer(split, name, len(images), encoder.feature_dims[name],
+                                     cfg.eval.feature_dtype) for name in layers}
+        extract_features(encoder, images, layers, cfg.eval.batch_size, device, amp_dtype,
+                         desc=f"features/{split}", out=writers)
+        rows[split] = {name: writer.finish() for name, writer in writers.items()}
+    return rows
+
+
 # ----------------------------------------------------------------------------- probes
 
 
+def _labels(data: DatasetSplits) -> dict[str, torch.Tensor]:
+    return {split: torch.from_numpy(getattr(data, split).labels) for split in SPLITS}
+
+
 def evaluate_encoder(encoder: Encoder, data: DatasetSplits, cfg: Config, device: torch.device,
-                     amp_dtype: torch.dtype | None) -> dict[str, dict]:
-    layers = encoder.layer_names
-    feats = features_by_split(encoder, data, layers, cfg.eval.batch_size, device, amp_dtype)
-    labels = {split: torch.from_numpy(getattr(data, split).labels) for split in SPLITS}
-    results = {}
-    for name in tqdm(layers, desc="probes", leave=False):
-        results[name] = evaluate_layer(
-            feats["train"][name], labels["train"], feats["val"][name], labels["val"],
-            feats["test"][name], labels["test"], num_classes=data.num_classes[0],
-            mlp=cfg.eval.mlp, seed=cfg.seed, knn_k=cfg.eval.knn_k,
-            knn_temperature=cfg.eval.knn_temperature)
-    return results
+                     amp_dtype: torch.dtype | None,
+                     feature_dir: Callable[[], FeatureDir] | None = None) -> dict[str, dict]:
+    """{layer: metrics} for the selected layers; the feature files live in `feature_dir()` (a
+    temporary folder by default) and are gone afterwards unless kept."""
+    layers = select_layers(encoder, cfg.eval.layers)
+    labels = _labels(data)
+    budget = cfg.eval.ram_budget_mb << 20
+    with (feature_dir or (lambda: FeatureDir(Path(tempfile.gettempdir()))))() as fdir:
+        rows = write_features(encoder, data, layers, cfg, device, amp_dtype, fdir)
+        return {name: probes.evaluate_layer_rows(
+                    rows["train"][name], labels["train"], rows["val"][name], labels["val"],
+                    rows["test"][name], labels["test"], num_classes=data.num_classes[0],
+                    budget_bytes=budget, device=device, mlp=cfg.eval.mlp, seed=cfg.seed,
+                    knn_k=cfg.eval.knn_k, knn_temperature=cfg.eval.knn_temperature)
+                for name in tqdm(layers, desc="probes", leave=False)}
 
 
 def pixel_features(data: DatasetSplits) -> dict[str, torch.Tensor]:
-    """Raw pixels as features: (N, H*W*C) floats in [0, 1] per split."""
-    return {split: torch.from_numpy(getattr(data, split).images).flatten(1).float().div_(255)
-            for split in SPLITS}
+    """Raw pixels as features: (N, H*W*C) floats in [0, 1] per split (all in RAM)."""
+    return {split: ImageRows(getattr(data, split).images).materialize() for split in SPLITS}
 
 
-def pixel_baseline(data: DatasetSplits, cfg: Config) -> dict[str, float]:
-    flat = pixel_features(data)
-    labels = {split: torch.from_numpy(getattr(data, split).labels) for split in SPLITS}
-    k = data.num_classes[0]
-    linear = linear_probe(flat["train"], labels["train"], flat["val"], labels["val"],
-                          flat["test"], labels["test"], num_classes=k, seed=cfg.seed)
-    knn = knn_classify(flat["train"], labels["train"], flat["test"], labels["test"],
-                       num_classes=k, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+def pixel_baseline(data: DatasetSplits, cfg: Config, device: torch.device | None = None
+                   ) -> dict[str, float]:
+    """Linear probe and kNN on raw pixels, in RAM when they fit eval.ram_budget_mb."""
+    device = device or torch.device("cpu")
+    rows = {split: ImageRows(getattr(data, split).images) for split in SPLITS}
+    labels, k, budget = _labels(data), data.num_classes[0], cfg.eval.ram_budget_mb << 20
+    tr, va, te = rows["train"], rows["val"], rows["test"]
+    if probes.in_memory_bytes(tr.n, va.n + te.n, tr.dim, k) <= budget:
+        flat = {split: r.materialize().to(device) for split, r in rows.items()}
+        linear = linear_probe(flat["train"], labels["train"], flat["val"], labels["val"],
+                              flat["test"], labels["test"], num_classes=k, seed=cfg.seed)
+        knn = knn_classify(flat["train"], labels["train"], flat["test"], labels["test"],
+                           num_classes=k, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    else:
+        block = probes.block_rows(budget, tr.dim, k)
+        linear = blocked.linear_probe_rows(tr, labels["train"], va, labels["val"], te,
+                                           labels["test"], num_classes=k, block_rows=block,
+                                           device=device)
+        knn = blocked.knn_rows(tr, labels["train"], te, labels["test"], num_classes=k,
+                               k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                               bank_rows=block, query_rows=block, device=device)
     return {"linear_val": linear["val"], "linear_test": linear["test"], "knn_test": knn}
 
 
@@ -167,7 +190,35 @@ def cached(kind: str, key: dict, compute) -> dict:
     return result
 
 
+# eval.* keys that cannot change a baseline's numbers: left out of the cache key
+_NOT_IN_KEY = ("enabled", "feature_dir", "keep_features", "linear", "aug_layer", "aug_epochs",
+               "aug_batch_size", "aug_lr")
+
+
+def _baselines(report: dict, spec: dict, data: DatasetSplits, cfg: Config, device: torch.device,
+               amp_dtype: torch.dtype | None, feature_dir: Callable[[str], FeatureDir]) -> None:
+    settings = {k: v for k, v in vars(cfg.eval).items() if k not in _NOT_IN_KEY}
+    data_key = {"data": cfg.data.name, "root": cfg.data.root, "target": cfg.data.target,
+                "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "eval": settings}
+    arch_key = data_key | {k: spec[k] for k in ("model", "in_chans", "image_size", "mean", "std")}
+    report["random_init"] = cached("random-init", arch_key, lambda: evaluate_encoder(
+        encoder_from_spec(spec), data, cfg, device, amp_dtype, lambda: feature_dir("random-init")))
+    pixel_key = data_key | {"eval": {k: v for k, v in settings.items() if k != "layers"}}
+    report["pixels"] = cached("pixels", pixel_key, lambda: pixel_baseline(data, cfg, device))
+
+
 # ----------------------------------------------------------------------------- the command
+
+
+def _protocols(report: dict, cfg: Config) -> dict:
+    """Which protocol produced each group of numbers (docs/eval.md describes them)."""
+    frozen = "frozen"
+    out = {"layers": frozen, "feature_dtype": cfg.eval.feature_dtype,
+           "knn": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}}
+    out |= {group: frozen for group in ("random_init", "pixels") if group in report}
+    if "augmented" in report:
+        out["augmented"] = "augmented"
+    return out
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
@@ -183,18 +234,26 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     amp_dtype = eval_precision(cfg, device)
     data = probe_data(cfg)
     encoder = load_encoder(run_dir)
+    select_layers(encoder, cfg.eval.layers)  # bad names fail before any work
+    if cfg.eval.linear == "augmented":
+        check_layer(encoder, cfg.eval.aug_layer)
+
+    def feature_dir(kind: str) -> FeatureDir:
+        base = Path(cfg.eval.feature_dir).expanduser() if cfg.eval.feature_dir else run_dir
+        keep = base / "features" / _dataset_tag(cfg) / kind if cfg.eval.keep_features else None
+        return FeatureDir(base, keep)
+
     report = {"dataset": cfg.data.name, "target": cfg.data.target,
               "probe_train_size": len(data.train.images),
-              "layers": evaluate_encoder(encoder, data, cfg, device, amp_dtype)}
+              "layers": evaluate_encoder(encoder, data, cfg, device, amp_dtype,
+                                         lambda: feature_dir("trained"))}
     report["best_layer"] = max(report["layers"], key=lambda k: report["layers"][k]["linear_val"])
+    if cfg.eval.linear == "augmented":
+        report["augmented"] = augmented_linear(load_encoder(run_dir), data, cfg, device,
+                                               amp_dtype)
     if cfg.eval.baselines:
-        data_key = {"data": cfg.data.name, "root": cfg.data.root, "target": cfg.data.target,
-                    "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
-                    "eval": vars(cfg.eval) | {"enabled": True}}
-        arch_key = data_key | {k: spec[k] for k in ("model", "in_chans", "image_size", "mean", "std")}
-        report["random_init"] = cached("random-init", arch_key, lambda: evaluate_encoder(
-            encoder_from_spec(spec), data, cfg, device, amp_dtype))
-        report["pixels"] = cached("pixels", data_key, lambda: pixel_baseline(data, cfg))
+        _baselines(report, spec, data, cfg, device, amp_dtype, feature_dir)
+    report["protocol"] = _protocols(report, cfg)
     report["eval_s"] = time.perf_counter() - start
     _write_report(report, run_dir, cfg)
     return report
@@ -237,5 +296,9 @@ def print_layer_table(report: dict, run_dir: Path) -> None:
     if "pixels" in report:
         lines.append(f"{'pixels':<10} {100 * report['pixels']['linear_test']:7.2f}% "
                      f"{100 * report['pixels']['knn_test']:7.2f}%")
+    if "augmented" in report:
+        aug = report["augmented"]
+        lines.append(f"augmented linear evaluation of {aug['layer']} ({aug['epochs']} epochs): "
+                     f"val {100 * aug['val']:.2f}%, test {100 * aug['test']:.2f}%")
     lines.append(f"plot: {report['plot']}   eval: {run_dir / 'eval.json'}")
     print("\n".join(lines))

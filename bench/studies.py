@@ -196,7 +196,7 @@ def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
 
 def pinned_defaults(config_path: Path) -> list[str]:
     """STUDY_DEFAULTS as overrides, except the keys the config file sets itself."""
-    from ssl_lab.config import read_yaml
+    from ssl_lab.config_io import read_yaml
 
     tree = read_yaml(config_path)
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_lab.config import Config, from_dict, load_config, save_config, to_dict
+from ssl_lab.config import Config, load_config
+from ssl_lab.config_io import from_dict, save_config, to_dict
 from ssl_lab.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -71,4 +72,4 @@ def test_yaml_file_errors(tmp_path):
 
 def test_from_dict_rejects_unknown_nested_key():
     with pytest.raises(UserError, match="model.widht"):
-        from_dict({"model": {"widht": 2}})
+        from_dict({"model": {"widht": 2}}, Config)

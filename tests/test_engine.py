@@ -20,7 +20,8 @@ from conftest import tiny_run_overrides
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import losses, methods
 from ssl_lab.cli import main
-from ssl_lab.config import load_config, to_dict
+from ssl_lab.config import load_config
+from ssl_lab.config_io import to_dict
 from ssl_lab.errors import UserError
 from ssl_lab.rundir import RunDir
 from ssl_lab.train import save, start, train, train_step

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import export as export_mod
 from ssl_lab import importer
-from ssl_lab.config import load_config, save_config
+from ssl_lab.config import load_config
+from ssl_lab.config_io import save_config
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import evaluate_run
 from ssl_lab.export import export, load_exported

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_run_overrides
 
 from ssl_lab import sweep
-from ssl_lab.config import save_config
+from ssl_lab.config_io import save_config
 from ssl_lab.errors import UserError
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssl_lab.config import pop_options, split_config_args
+from ssl_lab.config_io import pop_options, split_config_args
 from ssl_lab.errors import UserError
 
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_lab.config import pop_options
+from ssl_lab.config_io import pop_options
 from ssl_lab.errors import UserError
 from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
 

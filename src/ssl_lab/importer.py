@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ssl_lab.config import Config, from_dict, parse_override, save_config, set_dotted, validate
+from ssl_lab.config import Config, validate
+from ssl_lab.config_io import from_dict, parse_override, save_config, set_dotted
 from ssl_lab.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,7 +203,7 @@ def import_config(opts: dict[str, Any], overrides: list[str]) -> Config:
             raise UserError(f"'{key}' is set by the import; use the options backbone=, width=, "
                             "last_width=, stem= instead")
         set_dotted(tree, key, value)
-    cfg = from_dict(tree)
+    cfg = from_dict(tree, Config)
     validate(cfg)
     return cfg
 

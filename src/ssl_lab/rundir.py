@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ssl_lab.config import save_config
+from ssl_lab.config_io import save_config
 from ssl_lab.errors import UserError
 from ssl_lab.runtime import env_info, precision_name, utc_stamp, write_text_atomic
 

@@ -31,16 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import (
-    Config,
-    from_dict,
-    parse_override,
-    pop_options,
-    read_yaml,
-    set_dotted,
-    split_config_args,
-    validate,
-)
+from ssl_lab.config import Config, validate
+from ssl_lab.config_io import from_dict, parse_override, pop_options, read_yaml, set_dotted, split_config_args
 from ssl_lab.errors import UserError
 from ssl_lab.sweep_report import (
     RESERVED,
@@ -132,7 +124,7 @@ def point_config(sweep: Sweep, point: dict[str, Any], run_dir: Path) -> Config:
     set_dotted(tree, "run.dir", str(run_dir))
     if "run.name" not in values:
         set_dotted(tree, "run.name", run_dir.name)
-    cfg = from_dict(tree)
+    cfg = from_dict(tree, Config)
     validate(cfg)
     check_names(cfg)
     return cfg

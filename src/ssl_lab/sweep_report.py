@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import flatten, read_yaml
+from ssl_lab.config_io import flatten, read_yaml
 from ssl_lab.errors import UserError
 
 SWEEP_FILE = "sweep.json"

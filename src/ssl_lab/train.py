@@ -20,14 +20,8 @@ from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import dist, seeding
-from ssl_lab.config import (
-    RESUME_SAFE_KEYS,
-    Config,
-    flatten,
-    read_yaml,
-    resume_conflicts,
-    to_dict,
-)
+from ssl_lab.config import RESUME_SAFE_KEYS, Config
+from ssl_lab.config_io import flatten, read_yaml, resume_conflicts, to_dict
 from ssl_lab.data.loader import BatchLoader
 from ssl_lab.errors import UserError
 from ssl_lab.eval.metrics import rankme

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ssl_lab import __version__
 from ssl_lab.checkpoint import fsync_dir, sha256_file
-from ssl_lab.config import parse_override
+from ssl_lab.config_io import parse_override
 from ssl_lab.data import imagefolder
 from ssl_lab.data.sources import SOURCES, parse_name
 from ssl_lab.data.splits import Split, count_classes

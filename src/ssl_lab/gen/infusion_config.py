@@ -1,7 +1,7 @@
 """Infusion training's typed configuration (`ssl-lab infusion train [CONFIG.yaml] key=value`)
 and the `key=value` arguments of `infusion sample`.
 
-Loading goes through the shared `config.load_typed`: with `run.dir=X resume=true` the run's
+Loading goes through the shared `config_io.load_typed`: with `run.dir=X resume=true` the run's
 saved config.yaml is the base, and a given key that differs from it is refused unless it is in
 `RESUME_SAFE_KEYS`.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import from_dict, load_typed, parse_override, read_yaml, set_dotted
+from ssl_lab.config_io import from_dict, load_typed, parse_override, read_yaml, set_dotted
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_lab.config import split_config_args
+from ssl_lab.config_io import split_config_args
 from ssl_lab.runtime import existing_run_dir
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ssl_lab import checkpoint as ckpt_io
-from ssl_lab.config import Config, from_dict, read_yaml
+from ssl_lab.config import Config
+from ssl_lab.config_io import from_dict, read_yaml
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import extract_features

@@ -1,7 +1,7 @@
 """RCDM's typed configuration: `rcdm train` (a run's config.yaml) and the `key=value`
 arguments of `rcdm sample` and `rcdm score`.
 
-`rcdm train ENCODER_RUN key=value ...` loads through the shared `config.load_typed`: with
+`rcdm train ENCODER_RUN key=value ...` loads through the shared `config_io.load_typed`: with
 `run.dir=X resume=true` the run's saved config.yaml is the base, ENCODER_RUN may be left out,
 and any given key that differs from the saved one is refused unless it is in
 `RESUME_SAFE_KEYS`.
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import RunConfig, from_dict, load_typed, parse_override, read_yaml, set_dotted
+from ssl_lab.config import RunConfig
+from ssl_lab.config_io import from_dict, load_typed, parse_override, read_yaml, set_dotted
 from ssl_lab.errors import UserError
 from ssl_lab.gen import rcdm
 

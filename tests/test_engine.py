@@ -65,6 +65,12 @@ def test_a_conflicting_override_is_refused_and_nothing_changes(vicreg_run, capsy
     assert "method.name" in capsys.readouterr().err and snapshot(vicreg_run) == before
 
 
+def test_a_resumed_runs_config_still_evaluates_on_another_dataset(vicreg_run):
+    assert main(["train", f"run.dir={vicreg_run}", "resume=true"]) == 0
+    saved = load_config(vicreg_run / "config.yaml", ["data.name=shapes"])  # as `ssl-lab eval` does
+    assert saved.data.name == "shapes" and saved.resume is False
+
+
 def test_safe_keys_and_a_longer_run_may_change_on_resume(vicreg_run, capsys):
     cfg = load_config(None, [f"run.dir={vicreg_run}", "resume=true", "train.threads=1",
                              "train.budget_s=100", "eval.knn_k=5", "train.epochs=3"])

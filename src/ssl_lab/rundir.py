@@ -10,6 +10,7 @@ once instead of interleaving its checkpoints with the first one's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -121,7 +122,9 @@ class RunDir:
         """After a successful restore: config.yaml first (a run has started once it exists),
         then the application's own spec (encoder.json, rcdm.json...), then env.json with the
         resolved precision."""
-        save_config(cfg, self.config)
+        # resume=false: the file describes the run, so reading it (eval on another dataset,
+        # rcdm) never turns into a resume check against itself
+        save_config(dataclasses.replace(cfg, resume=False), self.config)
         self.write_json(spec_name, spec)
         self.write_env(device, precision=precision_name(amp_dtype), grad_scaler=grad_scaler,
                        resumed_at_step=step, **env)

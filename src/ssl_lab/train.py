@@ -58,8 +58,7 @@ def restore(s: Setup) -> tuple[int, float]:
 def start(s: Setup) -> tuple[int, float]:
     """Take the run: lock (rank 0), restore, then write config.yaml, encoder.json, env.json.
     Nothing is written until every check (locks, saved config, checkpoints) has passed."""
-    if s.info.is_main:
-        _check_saved_config(s)
+    _check_saved_config(s)  # on every rank: each raises the same error, none waits alone
     step, train_time = restore(s)
     if s.info.is_main:
         s.run.write_start(s.cfg, "encoder.json", s.spec, s.device, s.amp_dtype,

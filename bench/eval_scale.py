@@ -38,6 +38,9 @@ from ssl_lab.data.shapes import draw
 from ssl_lab.eval.run import dataset_tag
 from ssl_lab.train import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from main_job import cpu_model  # noqa: E402  (a sibling script)
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYER_SETS = ("backbone,proj1", "all")
 _CHUNK = 50_000  # images drawn at a time (bounded memory while drawing)
@@ -130,16 +133,6 @@ def evaluate(run: Path, store: Path, layers: str, extra: list[str]) -> dict:
     return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def ratios(rows: list[dict]) -> dict:
     """Largest over smallest size, per layer set: RSS and time (and the size ratio)."""
     out = {}
@@ -184,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
     result = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-              "machine": {"cpu": cpu_name(),
+              "machine": {"cpu": cpu_model(),
                           "cores": os.cpu_count(), "python": platform.python_version()},
               "image_size": args.image_size, "eval_overrides": extra, "rows": rows,
               "ratios_largest_over_smallest": ratios(rows)}

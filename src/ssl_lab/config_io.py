@@ -119,13 +119,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]`: the first argument without '=' is the config file."""
+def split_config_args(args: list[str], first: str = "the YAML file"
+                      ) -> tuple[str | None, list[str]]:
+    """`[FIRST] [key=value ...]`: the first argument without '=' is `first` (a config file, an
+    encoder run...)."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
     stray = [a for a in args if "=" not in a]
     if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': give the YAML file first, then "
+        raise UserError(f"unexpected argument '{stray[0]}': give {first} first, then "
                         "key=value (quote a list that contains spaces: 'key=[a, b]')")
     return None, args
 

@@ -81,23 +81,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def prepare_run_dir(run_dir: str | None, resume: bool, default_name: str) -> Path:
-    """A new directory per run (`runs/<default_name>-<UTC stamp>` unless given); an existing one
-    only with resume=true, so work is never overwritten. Only checks: callers create it once
-    their inputs are validated, so a bad input leaves no directory behind."""
-    if run_dir:
-        path = Path(run_dir)
-    elif resume:
-        raise UserError("resume=true needs run.dir=<the run directory to continue>")
-    else:
-        path = Path("runs") / f"{default_name}-{utc_stamp()}"
-    if path.exists() and any(path.iterdir()) and not resume:
-        raise UserError(f"run directory {path} already exists; pass resume=true to continue it "
-                        "or choose another run.dir")
-    if resume and not (path / "config.yaml").is_file():
-        raise UserError(f"resume=true but {path} holds no run (no config.yaml); start it "
-                        "without resume")
-    return path
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (temporary files name their writer's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def existing_run_dir(text: str, made_by: str) -> Path:

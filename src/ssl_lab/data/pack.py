@@ -33,6 +33,7 @@ from ssl_lab.data.sources import SOURCES, parse_name
 from ssl_lab.data.splits import Split, count_classes
 from ssl_lab.data.store import FORMAT, HEADER, VERSION, read_header
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import pid_alive
 
 SPLITS = ("train", "val", "test")
 FITS = ("crop", "pad")
@@ -253,18 +254,8 @@ def _remove_stale_partials(dest: Path) -> None:
     """Partial folders of packs that died (kill -9): hidden, never read, removed on the next run."""
     for stale in dest.parent.glob(f".{dest.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_same(header: dict, source: str, opts: PackOptions, dest: Path) -> None:
@@ -281,4 +272,3 @@ def _check_same(header: dict, source: str, opts: PackOptions, dest: Path) -> Non
         found = ", ".join(f"{k}={'the source size' if v is None else v}" for k, v in differ.items())
         raise UserError(f"{dest} is already a store packed with {found}; delete it or choose "
                         "another DEST")
-

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ssl_lab.runtime import pid_alive
+
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _STALE_PREFIX = ".eval-features-"
 
@@ -179,15 +181,5 @@ def remove_stale(base: Path) -> None:
     """Remove feature folders left by evaluations that were killed (their process is gone)."""
     for folder in base.glob(f"{_STALE_PREFIX}*"):
         pid = folder.name[len(_STALE_PREFIX):].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import argparse
 
-from ssl_lab.errors import UserError
+from ssl_lab.config_io import split_config_args
 from ssl_lab.runtime import existing_run_dir
-
-
-def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`[ENCODER_RUN] key=value ...`: the first argument without '=' is the encoder run."""
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    stray = [a for a in args if "=" not in a]
-    if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': give ENCODER_RUN first, then "
-                        "key=value")
-    return None, args
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
     from ssl_lab.gen.rcdm_config import load_train_config
     from ssl_lab.gen.rcdm_train import train_rcdm
 
-    encoder_run, overrides = split_train_args(ns.args)
+    encoder_run, overrides = split_config_args(ns.args, "ENCODER_RUN")
     train_rcdm(load_train_config(encoder_run, overrides))
 
 

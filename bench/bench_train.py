@@ -23,7 +23,7 @@ from ssl_lab.config import load_config
 from ssl_lab.methods import get_method
 from ssl_lab.runtime import autocast
 from ssl_lab.seeding import step_generator
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 from ssl_lab.train_setup import build, load_training_data
 
 

@@ -36,7 +36,7 @@ from ssl_lab.config import load_config
 from ssl_lab.data.pack import pack
 from ssl_lab.data.shapes import draw
 from ssl_lab.eval.run import dataset_tag
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from main_job import cpu_model  # noqa: E402  (a sibling script)

@@ -10,7 +10,7 @@ costs that part only; its error or the partial results it saved land in the JSON
   they are drawn once on the CPU, and the device *replays* them (ViewGenerator.replay).
 - prefetch: a packed store read by BatchLoader: pinned host memory + non_blocking copies.
 - ddp: a 1-process DistributedDataParallel step (nccl on CUDA, gloo on CPU).
-- amp: 200 steps of `ssl_lab.train.train` in bf16 and in fp16 (GradScaler), all finite.
+- amp: 200 steps of `ssl_lab.train_loop.train` in bf16 and in fp16 (GradScaler), all finite.
 - throughput: ResNet-18/50 views/s, model only and full loop, eager and torch.compile.
 `--dry-run`: CPU, tiny sizes, torch.compile with dynamo's eager backend (no code generation);
 tests/test_gpu_check.py runs it.
@@ -106,8 +106,8 @@ def amp_run(ctx: Ctx, npz: Path, precision: str, steps: int, batch: int, budget:
 
 
 def ssl_train(cfg) -> Path:
-    """`ssl_lab.train.train(cfg)`: the run directory."""
-    from ssl_lab.train import train  # the library's loop, imported only in this part's process
+    """`ssl_lab.train_loop.train(cfg)`: the run directory."""
+    from ssl_lab.train_loop import train  # the library's loop, imported only in this part's process
 
     return train(cfg)
 

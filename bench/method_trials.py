@@ -45,7 +45,7 @@ TRIALS: list[tuple[str, str, list[str]]] = [
 def run(runs: Path, raw: Path) -> None:
     from ssl_lab.config import load_config
     from ssl_lab.config_io import to_dict
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     raw.mkdir(parents=True, exist_ok=True)
     for name, tag, overrides in TRIALS:

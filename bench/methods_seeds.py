@@ -34,7 +34,7 @@ def points(configs: list[str], seeds: list[int], runs: Path) -> list[tuple[str, 
 def train_all(todo: list[tuple[str, int, Path]], overrides: list[str]) -> None:
     """Train every (config, seed) with eval.enabled=false; finished ones are skipped."""
     from ssl_lab.config import load_config
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     for name, seed, run_dir in todo:
         if not (run_dir / "summary.json").is_file():

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ssl_lab.config import load_config
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 from ssl_lab.train_setup import load_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -208,7 +208,7 @@ def pinned_defaults(config_path: Path) -> list[str]:
 
 
 def _train(cfg) -> None:
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     train(cfg)
 

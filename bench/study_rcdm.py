@@ -41,7 +41,7 @@ def timed(timings: dict, name: str, path: Path, fn) -> None:
 
 def encoder_stage(run: Path, scale: int, threads: int) -> None:
     from ssl_lab.config import load_config
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     resume = (run / "config.yaml").is_file()
     train(load_config(None, [

@@ -14,7 +14,7 @@ from conftest import tiny_run_overrides
 from ssl_lab.config import load_config
 from ssl_lab.eval.run import evaluate_run
 from ssl_lab.runtime import pick_device, resolve_precision
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 from ssl_lab.train_setup import load_training_data
 
 ROOT = Path(__file__).parents[1]

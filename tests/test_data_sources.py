@@ -225,7 +225,8 @@ def test_select_target_single_label(npz_100):
 
 
 def test_names():
-    assert {"fashion-mnist", "digits", "cifar10", "cifar100", "stl10"} <= set(available_datasets())
+    assert {"fashion-mnist", "digits", "cifar10", "cifar100", "stl10[:labelled]"} <= \
+        set(available_datasets())
     assert any(n.startswith("npz:") for n in available_datasets())
     with pytest.raises(UserError, match="fashion-mnist"):
         load_dataset("mnist")
@@ -294,12 +295,12 @@ def test_stl10_column_major(tmp_path):
     for split in ("train", "test"):
         (folder / f"{split}_X.bin").write_bytes(x.tobytes())
         (folder / f"{split}_y.bin").write_bytes(bytes([1, 10]))
-    d = load_dataset("stl10", str(tmp_path), val_fraction=0.0)
+    d = load_dataset("stl10:labelled", str(tmp_path), val_fraction=0.0)
     assert d.test.images.shape == (2, 96, 96, 3) and d.test.labels.tolist() == [0, 9]
     assert d.test.images[1, 3, 10].tolist() == [250, 0, 0] and d.test.images.sum() == 250
     (folder / "test_y.bin").write_bytes(bytes([1]))
     with pytest.raises(UserError, match="test_y.bin"):
-        load_dataset("stl10", str(tmp_path))
+        load_dataset("stl10:labelled", str(tmp_path))
 
 
 # --- imagefolder ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ssl_lab.config import load_config
 from ssl_lab.config_io import to_dict
 from ssl_lab.errors import UserError
 from ssl_lab.rundir import RunDir
-from ssl_lab.train import save, start, train, train_step
+from ssl_lab.train_loop import save, start, train, train_step
 from ssl_lab.train_setup import build
 
 ROOT = Path(__file__).parents[1]

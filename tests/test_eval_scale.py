@@ -20,7 +20,7 @@ from ssl_lab.eval import run as eval_run
 from ssl_lab.eval.augmented import augmented_linear
 from ssl_lab.eval.features import FeatureDir, TensorRows
 from ssl_lab.models.encoder import Encoder
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 CPU = torch.device("cpu")
 

@@ -86,7 +86,7 @@ def test_export_matches_the_full_model_at_that_layer(tmp_path, layer, absent):
 
 
 def test_export_vit_block_and_best_from_the_command_line(tmp_path, capsys):
-    vit = {"backbone": "vit_tiny", "width": 0.1, "projector": "16-8"}
+    vit = {"backbone": "vit", "width": 0.1, "projector": "16-8"}
     full = fake_run(tmp_path / "run", vit, in_chans=3, best="block2")
     _run(["export", str(tmp_path / "run"), "layer=best"])
     out = tmp_path / "run" / "export-block2"
@@ -228,7 +228,7 @@ def test_import_refuses_bad_files(tmp_path):
         importer.import_resnet(tmp_path / "ok.safetensors", tmp_path / "run", backbone="resnet18",
                                width=1 / 16)
     with pytest.raises(UserError, match="backbone must be one of"):
-        importer.import_resnet(tmp_path / "ok.safetensors", tmp_path / "run", backbone="vit_tiny")
+        importer.import_resnet(tmp_path / "ok.safetensors", tmp_path / "run", backbone="vit")
     assert not (tmp_path / "run").exists()  # nothing half-written
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("")

@@ -19,7 +19,7 @@ from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.seeding import epoch_permutation
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 N, BATCH = 50, 8  # 6 steps per epoch; the last 2 samples of each epoch are dropped
 
@@ -134,7 +134,7 @@ def test_training_ramps_the_view_size(tmp_path, stripes_npz):
     assert json.loads((run / "encoder.json").read_text())["image_size"] == 16
     with pytest.raises(UserError, match="needs a ResNet"):
         train(load_config(None, tiny_run_overrides(tmp_path / "v", **{
-            "model.backbone": "vit_tiny", "views.min_size": 4})))
+            "model.backbone": "vit", "views.min_size": 4})))
     with pytest.raises(UserError, match="ramp_end"):
         load_config(None, ["views.ramp_start=3", "views.ramp_end=1"])
 

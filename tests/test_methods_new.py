@@ -24,7 +24,7 @@ from ssl_lab.models import Projector, parse_projector_spec
 from ssl_lab.models.encoder import Encoder
 from ssl_lab.models.projector import PrototypeLinear
 from ssl_lab.optim import build_optimizer, param_groups, set_lr
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 ROOT = Path(__file__).parents[1]
 DINO_HEAD = "16g-16g-8u-32w"
@@ -313,7 +313,7 @@ def test_dino_resume_is_bit_exact_with_center_and_temperature_schedule(tmp_path)
 ])
 def test_new_methods_train_a_vit(tmp_path, name, extra):
     over = tiny_run_overrides(tmp_path / "r", **{
-        "method.name": name, "model.backbone": "vit_tiny", "eval.enabled": False,
+        "method.name": name, "model.backbone": "vit", "eval.enabled": False,
         "train.epochs": 1, **extra})
     run = train(load_config(None, over), stop_at_step=2)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

@@ -23,7 +23,7 @@ RESNET_CASES = [
 ]
 VIT_CASES = [
     (name, kw, lw, pool)
-    for name, kw in (("vit_tiny", dict(width=0.125)), ("vit", TINY_VIT))
+    for name, kw in (("vit", dict(width=0.125)), ("vit", TINY_VIT))
     for lw in (None, 40)
     for pool in ("cls", "mean")
 ]
@@ -105,12 +105,30 @@ def test_vit_declared_widths_and_config(name, kw, lw, pool):
     check_config_rebuilds(model)
 
 
-def test_vit_tiny_defaults_and_width_rounding():
-    model = build_backbone("vit_tiny")
-    assert (model.config["patch_size"], model.config["dim"], model.config["depth"],
-            model.config["heads"]) == (4, 192, 6, 3)
-    assert model.embed_dim == 192
-    assert build_backbone("vit_tiny", width=0.1).embed_dim == 18  # 19.2 -> multiple of 3
+def arch(model: nn.Module) -> tuple[int, int, int, int]:
+    cfg = model.config
+    return cfg["patch_size"], cfg["dim"], cfg["depth"], cfg["heads"]
+
+
+def test_vit_presets_overrides_and_width_rounding():
+    assert arch(build_backbone("vit")) == (4, 192, 6, 3)  # the CPU toy
+    tiny = build_backbone("vit_tiny", image_size=32)
+    assert arch(tiny) == (16, 192, 12, 3) and len(tiny.blocks) == 12
+    assert tiny.patch_embed.proj.kernel_size == (16, 16) and tiny.pos_embed.shape[1] == 1 + 4
+    assert build_backbone("vit").embed_dim == 192
+    assert build_backbone("vit", width=0.1).embed_dim == 18  # 19.2 -> multiple of 3
+    small = build_backbone("vit_small", image_size=32, patch_size=8, depth=2, dim=48, heads=4,
+                           pool="mean")
+    assert arch(small) == (8, 48, 2, 4) and small.pool == "mean"
+    assert small.layer_names == ["block1", "block2", "backbone"] and small.embed_dim == 48
+
+
+@pytest.mark.parametrize("name,expected", [("vit_small", 21_665_664), ("vit_base", 85_798_656)])
+def test_vit_parameter_counts_match_timm_without_head(name, expected):
+    # timm's vit_{small,base}_patch16_224 minus the 1000-class head (weight + bias)
+    model = build_backbone(name, image_size=224)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert tuple(model.pos_embed.shape[:2]) == (1, 197)
 
 
 def differing_keys(a: nn.Module, b: nn.Module) -> set[str]:
@@ -140,7 +158,7 @@ def test_resnet_last_width_equal_to_standard_is_identity_change():
     assert differing_keys(base, same) == set()
 
 
-@pytest.mark.parametrize("name,kw", [("vit_tiny", dict(width=0.125)), ("vit", TINY_VIT)])
+@pytest.mark.parametrize("name,kw", [("vit", dict(width=0.125)), ("vit", TINY_VIT)])
 def test_vit_last_width_changes_only_last_block(name, kw):
     base = build_backbone(name, **kw)
     wide = build_backbone(name, last_width=40, **kw)
@@ -238,16 +256,21 @@ def test_unknown_names_are_user_errors():
         build_backbone("resnet18", width=0)
     with pytest.raises(UserError, match="last_width"):
         build_backbone("resnet18", last_width=0)
-    with pytest.raises(UserError, match="divisible"):
-        build_backbone("vit_tiny", image_size=30)
+    with pytest.raises(UserError, match="image_size 30 is not divisible by patch_size 4"):
+        build_backbone("vit", image_size=30)
+    with pytest.raises(UserError, match="image_size 40 is not divisible by patch_size 16"):
+        build_backbone("vit_base", image_size=40)
+    with pytest.raises(UserError, match="dim 384 is not divisible by heads 5"):
+        build_backbone("vit_small", image_size=32, heads=5)
     with pytest.raises(UserError, match="cls, mean"):
-        build_backbone("vit_tiny", pool="max")
+        build_backbone("vit", pool="max")
     vit = build_backbone("vit", **TINY_VIT)
     with pytest.raises(UserError, match="block1, block2, backbone"):
         vit.features(image(vit), ["block3"])
     with pytest.raises(UserError, match="image_size=8"):
         vit(torch.randn(1, 3, 8, 8))
-    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "vit_tiny", "vit"}
+    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "vit", "vit_tiny", "vit_small",
+                              "vit_base"}
 
 
 def test_projector_spec_grammar():

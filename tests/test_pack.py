@@ -22,7 +22,7 @@ from ssl_lab.data.pack import PackOptions, pack
 from ssl_lab.data.sources import load_dataset
 from ssl_lab.data.store import StoreImages, open_store, verify
 from ssl_lab.errors import UserError
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 
 def write_cifar100(folder):
@@ -37,10 +37,11 @@ def write_cifar100(folder):
 def write_stl10(folder):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(3)
-    for split, n in (("train", 5), ("test", 3)):
+    for split, n in (("train", 5), ("test", 3), ("unlabeled", 4)):
         (folder / f"{split}_X.bin").write_bytes(rng.integers(0, 256, n * 3 * 96 * 96, dtype=np.uint8)
                                                 .tobytes())
-        (folder / f"{split}_y.bin").write_bytes(bytes(rng.integers(1, 11, n).tolist()))
+        if split != "unlabeled":
+            (folder / f"{split}_y.bin").write_bytes(bytes(rng.integers(1, 11, n).tolist()))
 
 
 def write_npz_splits(path):
@@ -72,6 +73,9 @@ def assert_same_splits(a, b):
         x, y = getattr(a, split), getattr(b, split)
         assert np.array_equal(np.asarray(x.images), np.asarray(y.images)), split
         assert np.array_equal(x.labels, y.labels) and x.labels.dtype == y.labels.dtype, split
+    if a.unlabelled is not None or b.unlabelled is not None:  # STL-10's unlabelled images
+        assert np.array_equal(np.asarray(a.unlabelled.images), np.asarray(b.unlabelled.images))
+        assert np.array_equal(a.unlabelled.labels, b.unlabelled.labels)
     assert (a.factor_names, a.num_classes, a.class_names, a.default_target) == \
         (b.factor_names, b.num_classes, b.class_names, b.default_target)
 

@@ -145,7 +145,7 @@ def encoder_run(tmp_path_factory):
     from conftest import tiny_run_overrides
 
     from ssl_lab.config import load_config
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     run = tmp_path_factory.mktemp("enc") / "run"
     before = torch.get_num_threads()

@@ -21,7 +21,7 @@ from ssl_lab.cli import main
 from ssl_lab.config import load_config
 from ssl_lab.errors import UserError
 from ssl_lab.runtime import write_text_atomic
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 
 EXTRA = {"eval.enabled": False, "train.ckpt_every_steps": 1, "train.epochs": 3,
          "train.threads": 1}

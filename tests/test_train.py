@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
-from ssl_lab.train import train
+from ssl_lab.train_loop import train
 from ssl_lab.train_setup import load_training_data
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -157,7 +157,7 @@ def test_multi_crop_adds_small_views_to_the_loss(tmp_path, method):
 def test_train_compile_compiles_the_model_in_place(tmp_path, monkeypatch):
     """train.compile=true compiles SSLModel in place (Module.compile keeps parameter names, so
     checkpoints are unchanged). Compiling for real takes minutes on CPU: the call is recorded."""
-    from ssl_lab import train as train_module
+    from ssl_lab import train_setup as train_module
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile",

@@ -14,10 +14,10 @@ from ssl_lab.errors import UserError
 
 def cmd_train(ns: argparse.Namespace) -> None:
     from ssl_lab.config import load_config
-    from ssl_lab.train import train
+    from ssl_lab.train_loop import train
 
     path, overrides = split_config_args(ns.args)
-    train(load_config(path, overrides))
+    train(load_config(path, overrides), allow_import=getattr(ns, "allow_import", False))
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
@@ -25,7 +25,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from ssl_lab.runtime import existing_run_dir
 
     run_dir = existing_run_dir(ns.run_dir, "ssl-lab train")
-    report = evaluate_run(run_dir, ns.overrides)
+    report = evaluate_run(run_dir, ns.overrides, allow_import=getattr(ns, "allow_import", False))
     print_layer_table(report, run_dir)
 
 
@@ -75,7 +75,10 @@ def cmd_data_info(ns: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ssl-lab", description=__doc__.splitlines()[0],
+        epilog=f"{ALLOW_IMPORT} (anywhere): let model.backbone=import:package.module:factory "
+        "import and call that factory (never done otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain an encoder, then probe every layer")
@@ -113,8 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ALLOW_IMPORT = "--allow-import"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # accepted anywhere on the line: the one way to let a run's model.backbone=import:... run code
+    allow_import = ALLOW_IMPORT in argv
+    ns = build_parser().parse_args([a for a in argv if a != ALLOW_IMPORT])
+    ns.allow_import = allow_import
     try:
         ns.func(ns)
     except UserError as exc:

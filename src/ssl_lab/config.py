@@ -26,6 +26,9 @@ class DataConfig:
     target: str | None = None  # label column of multi-factor data (e.g. shapes: colour)
     val_fraction: float = 0.1
     prefetch: int = 2  # packed stores: batches read ahead in a background thread (0 = inline)
+    # imagefolder: images are resized (shorter side, then centre crop) to this many pixels;
+    # 0 = keep each source's size (imagefolder: up to 224 px)
+    image_size: int = 0
 
 
 @dataclass
@@ -64,6 +67,12 @@ class ModelConfig:
     last_width: int | None = 1024  # Expand/Narrow: a wide last block probes better (docs/RESULTS.md)
     stem: str = "small"
     projector: str = "512-512-128"
+    # ViT only (0 = the preset's): patch size, blocks, heads, token width; pool: cls | mean
+    patch_size: int = 0
+    depth: int = 0
+    heads: int = 0
+    embed_dim: int = 0
+    pool: str = "cls"
 
 
 @dataclass
@@ -123,6 +132,9 @@ class ProbeConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True  # evaluate offline at the end of `train`
+    # the labelled dataset the offline probes use (null = data.name): e.g. SSL on an unlabelled
+    # image folder, probes on stl10
+    data: str | None = None
     mlp: bool = False
     knn_k: int = 200
     knn_temperature: float = 0.1
@@ -187,6 +199,7 @@ _CHOICES = {
     "eval.precision": ("fp32", "train"),
     "method.beta_scaling": ("none", "inverse_dim"),
     "model.stem": ("cifar", "small", "imagenet"),
+    "model.pool": ("cls", "mean"),
 }
 
 
@@ -199,7 +212,8 @@ _POSITIVE = ("optim.lr", "optim.batch_size", "train.epochs", "views.n", "train.c
 _NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_epochs", "views.noise_std", "views.size",
                  "views.small_n", "views.small_size", "views.min_size", "views.ramp_start",
                  "data.prefetch", "method.lambd", "method.beta", "method.warmup_teacher_temp_epochs",
-                 "method.freeze_last_layer_epochs", "method.clip_grad")
+                 "method.freeze_last_layer_epochs", "method.clip_grad", "data.image_size",
+                 "model.patch_size", "model.depth", "model.heads", "model.embed_dim")
 _UNIT = ("method.momentum", "method.center_momentum")  # in [0, 1]
 
 

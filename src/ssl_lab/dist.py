@@ -1,6 +1,6 @@
 """Distributed data-parallel helpers (torchrun / DDP); every one is a no-op in one process.
 
-The recipe (docs/distributed.md has the commands, ssl_lab/train.py the loop):
+The recipe (docs/distributed.md has the commands, ssl_lab/train_loop.py the loop):
 
 - `optim.batch_size` stays the GLOBAL batch. Rank r trains on `shard_indices(...)`, its slice of
   the global batch, so every rank knows the global index of every sample.
@@ -244,7 +244,11 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     params = inspect.signature(DistributedDataParallel).parameters
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, **{no_sync: False})
+    # a wrapped user module may hold parameters the loss never reaches; searching for them
+    # costs a graph traversal per step, so only then
+    unused = any(getattr(m, "leaves_parameters_unused", False) for m in module.modules())
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused,
+                                   **{no_sync: False})
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

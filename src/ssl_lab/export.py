@@ -130,13 +130,15 @@ def resolve_layer(run_dir: Path, layer: str, encoder: Encoder) -> tuple[str, str
     return layer, source
 
 
-def export(run_dir: str | Path, layer: str = "best", out: str | Path | None = None) -> Path:
-    """Write `out` (default RUN_DIR/export-<layer>) with encoder.safetensors + export.json."""
+def export(run_dir: str | Path, layer: str = "best", out: str | Path | None = None, *,
+           backbone: nn.Module | None = None, allow_import: bool = False) -> Path:
+    """Write `out` (default RUN_DIR/export-<layer>) with encoder.safetensors + export.json.
+    A wrapped module's run needs its `backbone` (models/encoder.py)."""
     from ssl_lab import checkpoint as ckpt_io
 
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
-    encoder = load_encoder(run_dir)
+    encoder = load_encoder(run_dir, backbone, allow_import)
     layer, source = resolve_layer(run_dir, layer, encoder)
     out = Path(out) if out else run_dir / f"export-{layer}"
     _check_target(out)
@@ -168,8 +170,9 @@ def _write_atomic(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     os.rename(tmp, out)
 
 
-def load_exported(path: str | Path) -> ExportedEncoder:
-    """The exported encoder (a directory made by `export`, or its export.json), in eval mode."""
+def load_exported(path: str | Path, backbone: nn.Module | None = None) -> ExportedEncoder:
+    """The exported encoder (a directory made by `export`, or its export.json), in eval mode;
+    the export of a wrapped module's run needs its `backbone` again."""
 
     path = Path(path)
     folder = path.parent if path.name in (EXPORT_JSON, WEIGHTS) else path
@@ -183,7 +186,7 @@ def load_exported(path: str | Path) -> ExportedEncoder:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"cannot read {folder / WEIGHTS} ({exc}); export the run again") from None
-    encoder = encoder_from_spec(meta["encoder"])
+    encoder = encoder_from_spec(meta["encoder"], backbone=backbone)
     prune(encoder, set(tensors), meta["layer"])
     try:
         encoder.load_state_dict(tensors, strict=True)
@@ -201,7 +204,8 @@ def cmd_export(ns: argparse.Namespace) -> None:
     options, rest = pop_options(ns.options, {"layer": "best", "out": None}, "export")
     if rest:
         raise UserError(f"unexpected argument '{rest[0]}'; export takes layer=NAME|best and out=PATH")
-    out = export(ns.run_dir, str(options["layer"]), options["out"])
+    out = export(ns.run_dir, str(options["layer"]), options["out"],
+                 allow_import=getattr(ns, "allow_import", False))
     meta = json.loads((out / EXPORT_JSON).read_text())
     print(f"exported layer {meta['layer']} (width {meta['width']}, {meta['parameters']:,} "
           f"parameters) to {out}; load it with ssl_lab.export.load_exported('{out}')")

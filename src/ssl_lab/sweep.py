@@ -201,9 +201,9 @@ def load_sweep(out: Path, config_path: str | None, overrides: list[str]) -> Swee
 def run_sweep(out: Path, config_path: str | None = None, overrides: list[str] = (),
               train_fn=None) -> list[dict[str, Any]]:
     """Validate every point, then run the unfinished ones in order; returns the table rows.
-    `train_fn` (default `ssl_lab.train.train`) lets tests count calls without training."""
+    `train_fn` (default `ssl_lab.train_loop.train`) lets tests count calls without training."""
     if train_fn is None:
-        from ssl_lab.train import train as train_fn
+        from ssl_lab.train_loop import train as train_fn
     out = Path(out)
     sweep = load_sweep(out, config_path, list(overrides))
     named = validate_all(sweep, out)

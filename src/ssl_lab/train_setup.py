@@ -1,5 +1,5 @@
 """What a training run is built from: its data, views, model, optimizers and run directory,
-every input validated and nothing written (`build`). The loop in ssl_lab.train runs it.
+every input validated and nothing written (`build`). The loop in ssl_lab.train_loop runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ssl_lab.data.views import ViewGenerator, get_recipe
 from ssl_lab.errors import UserError
 from ssl_lab.eval.online import OnlineProbes
 from ssl_lab.methods import SSLModel, get_method
-from ssl_lab.models.encoder import Encoder
+from ssl_lab.models.encoder import IMPORT_PREFIX, WRAPPED, Encoder, given_backbone
 from ssl_lab.optim import build_optimizer, scaled_lr
 from ssl_lab.rundir import RunDir
 from ssl_lab.runtime import pick_device, resolve_precision
@@ -27,11 +27,14 @@ from ssl_lab.runtime import pick_device, resolve_precision
 # ----------------------------------------------------------------------------- inputs
 
 
-def encoder_spec(cfg: Config, data: DatasetSplits, size: int, mean, std, num_classes: int) -> dict:
-    """Everything needed to rebuild the encoder without loading the training data."""
-    return {"model": asdict(cfg.model), "in_chans": data.in_chans, "image_size": size,
+def encoder_spec(cfg: Config, data: DatasetSplits, size: int, mean, std, num_classes: int,
+                 backbone: torch.nn.Module | None = None) -> dict:
+    """Everything needed to rebuild the encoder without loading the training data (a wrapped
+    module's run records what was wrapped, for the reader: it is never imported from here)."""
+    spec = {"model": asdict(cfg.model), "in_chans": data.in_chans, "image_size": size,
             "mean": list(mean), "std": list(std), "num_classes": num_classes,
             "dataset": cfg.data.name, "target": cfg.data.target}
+    return spec | ({"backbone": backbone.config} if backbone is not None else {})
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -42,19 +45,62 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
 
 
-def view_size(cfg: Config, data: DatasetSplits) -> int:
-    """`views.size`, or for 0 the dataset's default view size (data.sources.VIEW_SIZES)."""
-    return cfg.views.size or default_view_size(data.name, data.image_size)
+def view_size(cfg: Config, data: DatasetSplits, backbone: torch.nn.Module | None = None) -> int:
+    """`views.size`, or for 0: a wrapped module's input size, else the dataset's default view
+    size (data.sources.VIEW_SIZES)."""
+    if cfg.views.size:
+        return cfg.views.size
+    if backbone is not None and hasattr(backbone, "input_size"):
+        return int(backbone.input_size)
+    return default_view_size(data.name, data.image_size)
 
 
-def load_training_data(cfg: Config) -> DatasetSplits:
-    data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed, fraction=cfg.data.fraction)
+def load_training_data(cfg: Config, data: DatasetSplits | None = None) -> DatasetSplits:
+    """The run's data: `data` when given (ssl_lab.data.from_arrays / from_dataset), else
+    `data.name` loaded; at least 2 images to train on."""
+    if data is None:
+        data = load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
+                            seed=cfg.seed, fraction=cfg.data.fraction,
+                            image_size=cfg.data.image_size)
+    elif cfg.data.fraction < 1:
+        raise UserError("data.fraction subsamples a named dataset; with data= given, pass the "
+                        "subset you want to train on (or set data.fraction=1)")
     data = data.select_target(cfg.data.target)
-    if len(data.train.images) < 2:
-        raise UserError(f"dataset {cfg.data.name} has {len(data.train.images)} training images; "
+    if len(data.ssl_train) < 2:
+        raise UserError(f"dataset {data.name} has {len(data.ssl_train)} training images; "
                         "SSL needs at least 2 (check data.fraction and the data files)")
     return data
+
+
+def resolve_inputs(cfg: Config, backbone: torch.nn.Module | None, data: DatasetSplits | None,
+                   allow_import: bool) -> tuple[Config, torch.nn.Module | None]:
+    """The config as the run records it when the caller brings its own backbone or data: the
+    data's name, `model.backbone: module` (Expand/Narrow does not apply to a wrapped module)."""
+    if data is not None:
+        cfg = replace(cfg, data=replace(cfg.data, name=data.name))
+    if backbone is not None and cfg.model.backbone.startswith(IMPORT_PREFIX):
+        raise UserError(f"model.backbone={cfg.model.backbone!r} and backbone= both name the "
+                        "backbone; pass only one")
+    backbone = given_backbone(WRAPPED if backbone is not None else cfg.model.backbone, backbone,
+                              allow_import)
+    if backbone is None:
+        return cfg, None
+    if cfg.model.last_width is not None and not getattr(backbone, "supports_last_width", False):
+        print(f"note: model.last_width={cfg.model.last_width} does not apply to a wrapped module "
+              "(Expand/Narrow rebuilds a built-in backbone's last block); it is used as it is")
+    name = cfg.model.backbone if cfg.model.backbone.startswith(IMPORT_PREFIX) else WRAPPED
+    return replace(cfg, model=replace(cfg.model, backbone=name, last_width=None, width=1.0)), \
+        backbone
+
+
+def check_labels(cfg: Config, data: DatasetSplits, method) -> None:
+    """Label-free data is fine for SSL; what needs labels must have them or fail up front."""
+    if method.uses_labels and not (data.ssl_train.labels >= 0).all():
+        raise UserError(f"method.name={cfg.method.name} needs a label for every training image, "
+                        f"and {data.name} has unlabelled ones; choose a label-free method")
+    if cfg.eval.enabled and not cfg.eval.data and not data.has_labels:
+        raise UserError(f"{data.name} has no labelled train and test images to probe on: set "
+                        "eval.data=NAME (a labelled dataset, e.g. stl10) or eval.enabled=false")
 
 
 # ----------------------------------------------------------------------------- the setup
@@ -82,6 +128,9 @@ class Setup:
     info: dist.DistInfo
     per_rank: int
     resolution: ResolutionSchedule | None = None  # progressive resolution; None: always full
+    # what the caller brought (ssl_lab.train's backbone= and data=): the evaluation needs them
+    given_backbone: torch.nn.Module | None = None
+    given_data: DatasetSplits | None = None
     _views_by_size: dict[int, tuple[ViewGenerator, ViewGenerator | None]] = field(
         default_factory=dict)
 
@@ -102,9 +151,14 @@ class Setup:
         return self._views_by_size[size]
 
 
-def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
-    """Everything a run needs, every input validated; writes nothing (see start)."""
+def build(cfg: Config, info: dist.DistInfo | None = None, backbone: torch.nn.Module | None = None,
+          data: DatasetSplits | None = None, allow_import: bool = False) -> Setup:
+    """Everything a run needs, every input validated; writes nothing (see start). `backbone`
+    (ssl_lab.models.from_module) and `data` (ssl_lab.data.from_arrays / from_dataset) replace
+    model.backbone and data.name."""
     info = info or dist.DistInfo(0, 1, 0, pick_device())
+    cfg, backbone = resolve_inputs(cfg, backbone, data, allow_import)
+    given_data = data
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     runtime.keep_freed_memory()  # fresh view batches are not page-faulted in every step
@@ -113,26 +167,28 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     method = get_method(cfg.method.name)  # fail on bad names before loading anything
     get_recipe(cfg.views.recipe, **cfg.views.recipe_options())
     run = agreed(info, lambda: RunDir.check(cfg.run.dir, cfg.resume, _default_name(cfg)))
-    data = load_training_data(cfg)
-    size = view_size(cfg, data)
+    data = load_training_data(cfg, data)
+    check_labels(cfg, data, method)
+    size = view_size(cfg, data, backbone)
     views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
                           size, cfg.views.n)
     small_views = _small_view_generator(cfg, size, views.recipe.fast)
-    batch_size = min(cfg.optim.batch_size, len(data.train.images))
+    n_train = len(data.ssl_train)
+    batch_size = min(cfg.optim.batch_size, n_train)
     per_rank = dist.per_rank_batch(batch_size, info.world_size)
-    steps_per_epoch = len(data.train.images) // batch_size
+    steps_per_epoch = n_train // batch_size
     total_steps = max(1, round(steps_per_epoch * cfg.train.epochs))  # epochs may be fractional
     resolution = _resolution_schedule(cfg, size, epochs_touched(total_steps, steps_per_epoch))
     num_classes = data.num_classes[0]
-    mean, std = channel_stats(data.train.images)
+    mean, std = _normalisation(data, backbone)
 
     torch.manual_seed(cfg.seed)
-    encoder = Encoder(cfg.model, data.in_chans, size, mean, std)
+    encoder = Encoder(cfg.model, data.in_chans, size, mean, std, backbone=backbone)
     model = SSLModel(encoder, method, cfg.method, num_classes)
     if info.distributed:  # global batch statistics, also on CPU (encoder, predictor, target)
         model = dist.convert_sync_batchnorm(model)
     model = model.to(device)
-    probes = OnlineProbes(encoder.feature_dims, num_classes).to(device) if cfg.probe.online else None
+    probes = _online_probes(cfg, data, encoder, num_classes, device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
@@ -144,9 +200,30 @@ def build(cfg: Config, info: dist.DistInfo | None = None) -> Setup:
     # fp16 needs loss scaling: small gradients underflow to zero in fp16 (bf16 has fp32's range)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Setup(cfg, run, device, amp_dtype, data, model, dist.wrap_ddp(model, info), scaler,
-                 encoder_spec(cfg, data, size, mean, std, num_classes), probes, optimizer,
+                 encoder_spec(cfg, data, size, mean, std, num_classes, backbone), probes, optimizer,
                  probe_optimizer, views, small_views, batch_size, steps_per_epoch, total_steps,
-                 info, per_rank, resolution)
+                 info, per_rank, resolution, given_backbone=backbone, given_data=given_data)
+
+
+def _normalisation(data: DatasetSplits, backbone: torch.nn.Module | None):
+    """A wrapped module's own mean/std (it may be pretrained on them), else the data's."""
+    if backbone is not None and hasattr(backbone, "mean"):
+        if getattr(backbone, "in_chans", data.in_chans) != data.in_chans:
+            raise UserError(f"the backbone takes {backbone.in_chans}-channel images but "
+                            f"{data.name} has {data.in_chans} channels; wrap it with "
+                            f"in_chans={data.in_chans} or convert the images")
+        return list(backbone.mean), list(backbone.std)
+    return channel_stats(data.ssl_train.images)
+
+
+def _online_probes(cfg: Config, data: DatasetSplits, encoder: Encoder, num_classes: int,
+                   device: torch.device) -> OnlineProbes | None:
+    if not cfg.probe.online:
+        return None
+    if num_classes < 1 or not (data.ssl_train.labels >= 0).any():
+        print(f"note: {data.name} has no labels to train on: online probes are off")
+        return None
+    return OnlineProbes(encoder.feature_dims, num_classes).to(device)
 
 
 def _default_name(cfg: Config) -> str:

@@ -1,8 +1,8 @@
 """Byte-level readers for the standard on-disk formats (IDX, CIFAR/STL-10 binary, .npz).
 
-Everything is parsed with `np.frombuffer`: no torchvision, no pickle. Each reader checks magic
-numbers and byte counts so a truncated download fails with a message naming the file instead
-of a reshape error deep in training.
+Everything is parsed with `np.frombuffer` (`np.memmap` for STL-10's unlabelled file): no
+torchvision, no pickle. Each reader checks magic numbers and byte counts so a truncated
+download fails with a message naming the file instead of a reshape error deep in training.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_lab.data.splits import Split
+from ssl_lab.data.splits import UNLABELLED, Split
 from ssl_lab.errors import UserError
 
 
@@ -97,6 +97,22 @@ def read_stl10(x_path: Path, y_path: Path, hint: str) -> Split:
     # As the official reader: (N, 3, 96, 96) then (0, 3, 2, 1) -- column-major swaps H and W.
     images = x.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
     return Split(np.ascontiguousarray(images), labels)
+
+
+def read_stl10_unlabelled(x_path: Path, hint: str) -> Split:
+    """STL-10's unlabeled_X.bin (100,000 images, the layout of train_X.bin), memory-mapped:
+    its 2.7 GB are read a batch at a time, never copied into RAM as a whole."""
+    record = 3 * 96 * 96
+    try:
+        size = x_path.stat().st_size
+    except OSError as e:
+        raise UserError(f"cannot read {x_path}: {e.strerror or e}") from None
+    if size == 0 or size % record:
+        raise UserError(f"{x_path} has {size} bytes, not a whole number of {record}-byte images "
+                        f"(truncated or wrong file): {hint}")
+    x = np.memmap(x_path, np.uint8, mode="r", shape=(size // record, 3, 96, 96))
+    # the orientation of read_stl10: a transposed view of the map, still lazy
+    return Split(x.transpose(0, 3, 2, 1), np.full(len(x), UNLABELLED, np.int64))
 
 
 NPZ_LAYOUTS = "keys x_train,y_train,x_test,y_test (optional x_val,y_val) or images,labels"

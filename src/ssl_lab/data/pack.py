@@ -35,7 +35,7 @@ from ssl_lab.data.store import FORMAT, HEADER, VERSION, read_header
 from ssl_lab.errors import UserError
 from ssl_lab.runtime import pid_alive
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "unlabelled")
 FITS = ("crop", "pad")
 ENCODINGS = ("raw", "jpeg")
 _CHUNK = 256  # images in flight per pack worker round: bounded memory, ordered output
@@ -47,7 +47,7 @@ _CHUNK = 256  # images in flight per pack worker round: bounded memory, ordered 
 @dataclass(frozen=True)
 class PackOptions:
     resolution: int | None = None  # square side; None: the size `data.name=SOURCE` gives
-    max_side: int | None = None  # caps that default size (ImageFolder: 64 when not given)
+    max_side: int | None = None  # caps that default size (ImageFolder: 224 when not given)
     fit: str = "crop"
     encoding: str = "raw"
     quality: int = 90  # JPEG quality (jpeg encoding)
@@ -142,7 +142,12 @@ def _plan_array(split: Split, opts: PackOptions) -> _SplitPlan:
 def _plan_folder(arg: str | None, opts: PackOptions) -> _Plan:
     """ImageFolder files are streamed: decoded and resized one at a time while writing."""
     folder = imagefolder.index_imagefolder(arg)
-    side = opts.resolution or min(folder.min_side, opts.max_side or imagefolder.MAX_SIZE)
+    side = opts.resolution or imagefolder.default_size(folder, opts.max_side or imagefolder.MAX_SIZE)
+    return folder_plan(folder, side, opts)
+
+
+def folder_plan(folder: imagefolder.FolderIndex, side: int, opts: PackOptions) -> _Plan:
+    """The plan that decodes an indexed image folder's files at `side` x `side`."""
     mode = "L" if folder.gray else "RGB"
     shape = (side, side, 1 if folder.gray else 3)
 
@@ -188,6 +193,18 @@ def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progres
         raise UserError(f"{dest} exists and is not a packed store; choose a new DEST")
     start = time.perf_counter()
     plan = _plan(kind, arg, opts)  # reads (or indexes) the source: every input error is raised here
+    write_store(dest, plan, {"source": source.strip(), "split_key": kind}, opts, progress, start)
+    return dest, True
+
+
+def write_store(dest: Path, plan: _Plan, names: dict[str, Any], opts: PackOptions,
+                progress: bool, start: float | None = None) -> None:
+    """Write `plan`'s splits as the store `dest` (hidden sibling, then renamed: see above).
+
+    `names` gives the header's "source" and "split_key"; `start` is when reading began (for
+    "pack_s"). An unwritable destination raises OSError with nothing left behind.
+    """
+    start = time.perf_counter() if start is None else start
     _remove_stale_partials(dest)
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     try:
@@ -195,8 +212,8 @@ def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progres
         split_meta = {name: _write_split(tmp, name, sp, opts, progress)
                       for name, sp in plan.splits.items()}
         first = next(iter(plan.splits.values()))
-        header = {"format": FORMAT, "version": VERSION, "source": source.strip(),
-                  "split_key": kind, "encoding": opts.encoding, "fit": opts.fit,
+        header = {"format": FORMAT, "version": VERSION, **names,
+                  "encoding": opts.encoding, "fit": opts.fit,
                   "quality": opts.quality if opts.encoding == "jpeg" else None,
                   "resolution": opts.resolution, "max_side": opts.max_side,
                   "image_shape": list(first.shape), "dtype": "uint8", **plan.meta,
@@ -210,13 +227,20 @@ def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progres
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left after the rename
-    return dest, True
+
+
+def write_items(dest: Path, splits: dict[str, tuple[np.ndarray, tuple[int, int, int],
+                                                     Callable[[int], np.ndarray]]],
+                meta: dict[str, Any], names: dict[str, Any], workers: int, progress: bool) -> None:
+    """A raw store at `dest` from per-split (labels, (H, W, C), item(i) -> uint8 image)."""
+    plan = _Plan({k: _SplitPlan(*v) for k, v in splits.items()}, meta)
+    write_store(dest, plan, names, PackOptions(workers=max(1, workers)), progress)
 
 
 def _write_split(tmp: Path, name: str, sp: _SplitPlan, opts: PackOptions, progress: bool
                  ) -> dict[str, Any]:
-    items = tqdm(_ordered_map(sp.item, sp.count, opts.workers), total=sp.count,
-                 desc=f"pack {name}", unit="img", disable=not progress, leave=False)
+    items = tqdm(ordered_map(sp.item, sp.count, opts.workers), total=sp.count, desc=f"pack {name}",
+                 unit="img", disable=not progress or not sp.count, leave=False)
     files = {"labels": f"{name}.labels.npy"}
     np.save(tmp / files["labels"], np.ascontiguousarray(sp.labels, dtype=np.int64))
     if opts.encoding == "raw":
@@ -240,7 +264,7 @@ def _write_split(tmp: Path, name: str, sp: _SplitPlan, opts: PackOptions, progre
                              "sha256": sha256_file(tmp / f)} for role, f in files.items()}}
 
 
-def _ordered_map(fn: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:
+def ordered_map(fn: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:
     """fn(0), ..., fn(n - 1) in order, `workers` threads at a time, _CHUNK items in flight."""
     if workers <= 1:
         yield from map(fn, range(n))

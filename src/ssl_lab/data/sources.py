@@ -6,9 +6,12 @@ Names are `kind` or `kind:ARG`; see `available_datasets()`:
   dataset-fashion-mnist), ~/.cache/ssl-lab/fashion-mnist; downloaded there when found nowhere.
 - `digits` -- scikit-learn's 8x8 digits; a fixed stratified 20% is the test set.
 - `shapes[:n=20000,size=32,seed=0]` -- procedural multi-factor images (see shapes.py).
-- `cifar10`, `cifar100`, `stl10` -- the official *binary* archives in `root`, root/<folder> or
-  $SSL_LAB_DATA/<folder>. CIFAR-100 labels are (N, 2): coarse, fine (default target fine).
-- `imagefolder:PATH` -- PATH/<class>/<image> (see imagefolder.py); `npz:PATH` -- an .npz
+- `cifar10`, `cifar100`, `stl10[:labelled]` -- the official *binary* archives in `root`,
+  root/<folder> or $SSL_LAB_DATA/<folder>. CIFAR-100 labels are (N, 2): coarse, fine (default
+  target fine). `stl10` is the papers' protocol: SSL on train + the 100,000 unlabelled images
+  (unlabeled_X.bin, memory-mapped), probes on train/test; `stl10:labelled` leaves them out.
+- `imagefolder:PATH` -- PATH/<class>/<image>, or loose images for unlabelled data, resized to
+  `image_size` (see imagefolder.py); `npz:PATH` -- an .npz
   archive with x_train,y_train,x_test,y_test[,x_val,y_val] or images,labels (+ optional
   factor_names) -- test = a fixed stratified 20% for the latter.
 - `packed:PATH` -- a store made by `ssl-lab data pack` (see store.py): images stay memory-mapped
@@ -16,7 +19,8 @@ Names are `kind` or `kind:ARG`; see `available_datasets()`:
 
 An explicit `root` is authoritative: if the files are not there it is an error, not a silent
 fall back to another copy. Validation comes from train (seeded by the run seed and the dataset
-kind, so it does not depend on where the files live) unless the source has its own.
+kind, so it does not depend on where the files live) unless the source has its own. Unlabelled
+images (`DatasetSplits.unlabelled`) are for SSL only.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_lab.data import formats
-from ssl_lab.data.imagefolder import load_imagefolder
+from ssl_lab.data.imagefolder import check_image_size, load_imagefolder
 from ssl_lab.data.shapes import load_shapes
 from ssl_lab.data.splits import (
     DatasetSplits,
@@ -200,13 +204,26 @@ def _load_cifar100(root: str | None, arg: str | None) -> Loaded:
 
 
 def _load_stl10(root: str | None, arg: str | None) -> Loaded:
+    """`stl10`: train + unlabelled for SSL (the papers' protocol); `stl10:labelled`: train only."""
+    if arg not in (None, "labelled"):
+        raise UserError(f"unknown dataset stl10:{arg}: use data.name=stl10 (SSL on the labelled "
+                        "and unlabelled images) or data.name=stl10:labelled")
     url = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
     names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
     folder = _binary_dir(root, "stl10_binary", names, "STL-10", url)
     hint = f"re-extract the binary version from {url}"
     train, test = (formats.read_stl10(folder / f"{s}_X.bin", folder / f"{s}_y.bin", hint)
                    for s in ("train", "test"))
-    return Loaded(train=train, test=test, num_classes=[10], class_names=[STL10_CLASSES])
+    unlabelled = None
+    if arg is None:
+        path = folder / "unlabeled_X.bin"
+        if not path.is_file():
+            raise UserError(f"STL-10's unlabeled_X.bin is not in {folder}: extract it from {url} "
+                            "(SSL trains on its 100,000 images), or use data.name=stl10:labelled "
+                            "to train on the 5,000 labelled images only")
+        unlabelled = formats.read_stl10_unlabelled(path, hint)
+    return Loaded(train=train, test=test, num_classes=[10], class_names=[STL10_CLASSES],
+                  unlabelled=unlabelled)
 
 
 # --- npz / imagefolder ---------------------------------------------------------------------
@@ -250,17 +267,19 @@ def _load_npz(root: str | None, arg: str | None) -> Loaded:
 
 
 # kind -> (reader(root, arg), takes an ARG?). A literal dict: adding a source is one line.
-SOURCES: dict[str, tuple[Callable[[str | None, str | None], Loaded], bool]] = {
+# Readers of RESIZING kinds also take `image_size=` (data.image_size).
+SOURCES: dict[str, tuple[Callable[..., Loaded], bool]] = {
     "fashion-mnist": (_load_fashion, False),
     "digits": (_load_digits, False),
     "shapes": (lambda root, arg: load_shapes(arg), True),
     "cifar10": (_load_cifar10, False),
     "cifar100": (_load_cifar100, False),
-    "stl10": (_load_stl10, False),
-    "imagefolder": (lambda root, arg: load_imagefolder(arg), True),
+    "stl10": (_load_stl10, True),
+    "imagefolder": (lambda root, arg, image_size=0: load_imagefolder(arg, image_size), True),
     "npz": (_load_npz, True),
     "packed": (load_packed, True),
 }
+RESIZING = {"imagefolder"}  # other sources keep their own size whatever data.image_size says
 # The view size `views.size=0` resolves to, where it is not the image size. Fashion-MNIST's
 # 28-px images make better and cheaper SSL views at 20 px for the main job's budget (3 epochs
 # at 20 px beat 2 at 28 px on three seeds in about the same time: docs/RESULTS.md, "How the
@@ -273,8 +292,8 @@ def default_view_size(name: str, image_size: int) -> int:
     return VIEW_SIZES.get(name.split(":")[0].strip(), image_size)
 
 
-USAGE = {"shapes": "shapes[:n=20000,size=32,seed=0]", "imagefolder": "imagefolder:PATH",
-         "npz": "npz:PATH", "packed": "packed:PATH"}
+USAGE = {"shapes": "shapes[:n=20000,size=32,seed=0]", "stl10": "stl10[:labelled]",
+         "imagefolder": "imagefolder:PATH", "npz": "npz:PATH", "packed": "packed:PATH"}
 
 
 def available_datasets() -> list[str]:
@@ -310,25 +329,36 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     fraction: float = 1.0,
+    image_size: int = 0,
 ) -> DatasetSplits:
-    """Load `name` and return train/val/test.
+    """Load `name` and return train/val/test (+ unlabelled images for SSL, if the source has any).
 
     val is carved from train by a permutation seeded by (seed, dataset kind) unless the source
-    has its own; `fraction` then keeps a seeded prefix-of-a-permutation subset of the remaining
-    train split (nested across fractions). The test split is never subsampled.
+    has its own (an empty labelled train split gives an empty val); `fraction` then keeps a
+    seeded prefix-of-a-permutation subset of the remaining train split and, seeded apart, of
+    the unlabelled images (nested across fractions). The test split is never subsampled.
+    `image_size` (data.image_size) resizes the sources in RESIZING; 0 keeps their default.
     """
     _check_fraction("val_fraction", val_fraction, allow_zero=True)
     _check_fraction("fraction", fraction, allow_zero=False)
+    check_image_size(image_size)
     kind, arg = parse_name(name)
-    loaded = SOURCES[kind][0](root, arg)
+    reader = SOURCES[kind][0]
+    loaded = reader(root, arg, image_size=image_size) if kind in RESIZING else reader(root, arg)
     key = zlib.crc32((loaded.split_key or kind).encode())  # stable across processes, unlike hash()
-    train, val = loaded.train, loaded.val
+    train, val, unlabelled = loaded.train, loaded.val, loaded.unlabelled
     if val is None:
-        train, val = carve_val(train, val_fraction, numpy_rng(seed, key, 0))
-    if len(train) == 0:
+        # nothing labelled (an unlabelled folder): nothing to validate on
+        train, val = carve_val(train, val_fraction, numpy_rng(seed, key, 0)) if len(train) \
+            else (train, train)
+    has_unlabelled = unlabelled is not None and len(unlabelled) > 0
+    if len(train) == 0 and (len(loaded.train) or not has_unlabelled):
         raise UserError(f"{name} has no training images left after the validation split: "
                         "lower val_fraction or add data")
-    train = subset(train, fraction, numpy_rng(seed, key, 1))
+    if len(train):
+        train = subset(train, fraction, numpy_rng(seed, key, 1))
+    if has_unlabelled:
+        unlabelled = subset(unlabelled, fraction, numpy_rng(seed, key, 2))
     return DatasetSplits(
         name=name.strip(),
         train=train,
@@ -338,4 +368,5 @@ def load_dataset(
         num_classes=loaded.num_classes or count_classes(loaded),
         class_names=loaded.class_names,
         default_target=loaded.default_target,
+        unlabelled=unlabelled,
     )

@@ -6,6 +6,7 @@ source registry (which imports them).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -34,9 +35,60 @@ class Split:
         return Split(select(idx) if select else self.images[idx], self.labels[idx])
 
 
+UNLABELLED = -1  # the label of an image that has none (cross-entropy's ignore_index)
+
+
+def _in_ram(images) -> bool:
+    return isinstance(images, np.ndarray) and not isinstance(images, np.memmap)
+
+
+class ConcatImages:
+    """Image arrays (or stores' lazy rows) end to end, read a batch of rows at a time.
+
+    The loader streams it like a memory map: indexing with an int, a slice or an integer array
+    reads just those rows; `np.asarray(x)` reads every row.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, parts: list):
+        self._parts = parts
+        self._ends = np.cumsum([len(p) for p in parts])
+        self.shape = (int(self._ends[-1]), *parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        rows = np.arange(len(self))[key].astype(np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        part = np.searchsorted(self._ends, rows, side="right")
+        for k, images in enumerate(self._parts):
+            mask = part == k
+            if mask.any():
+                out[mask] = images[rows[mask] - (self._ends[k] - len(images))]
+        return out
+
+    def reshape(self, *shape: int) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class DatasetSplits:
-    """A dataset's train/val/test splits and the names of its label factors."""
+    """A dataset's train/val/test splits and the names of its label factors.
+
+    train/val/test hold labelled images (any of them may be empty); `unlabelled` holds images
+    without labels that SSL trains on too (STL-10's 100,000, a folder without class
+    sub-folders, arrays passed with labels=None). SSL trains on `ssl_train` (both); probes use
+    the labelled splits only.
+    """
 
     name: str
     train: Split
@@ -47,14 +99,40 @@ class DatasetSplits:
     class_names: list[list[str]] | None = None
     # The factor `select_target(None)` picks; None means the first one.
     default_target: str | None = field(default=None, repr=False)
+    unlabelled: Split | None = None  # labels all UNLABELLED; SSL-only images
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the probes have labelled train and test images to use."""
+        return len(self.train) > 0 and len(self.test) > 0
+
+    @functools.cached_property
+    def ssl_train(self) -> Split:
+        """What SSL trains on: the labelled train split followed by the unlabelled images."""
+        if self.unlabelled is None or len(self.unlabelled) == 0:
+            return self.train
+        if len(self.train) == 0:
+            return self.unlabelled
+        labels = np.concatenate([self.train.labels.reshape(len(self.train), -1)[:, 0],
+                                 self.unlabelled.labels.reshape(len(self.unlabelled), -1)[:, 0]])
+        parts = [self.train.images, self.unlabelled.images]
+        if all(_in_ram(p) for p in parts):
+            return Split(np.concatenate(parts), labels)
+        # a memory map or store (STL-10's 100,000 unlabelled images): never copied into RAM
+        return Split(ConcatImages(parts), labels)
+
+    @property
+    def _any_images(self):
+        return self.train.images if len(self.train) or self.unlabelled is None \
+            else self.unlabelled.images
 
     @property
     def in_chans(self) -> int:
-        return int(self.train.images.shape[-1])
+        return int(self._any_images.shape[-1])
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self._any_images.shape[1])
 
     def select_target(self, target: str | None) -> DatasetSplits:
         """Keep one label column (N,) for `target`; None picks the default factor."""
@@ -98,6 +176,7 @@ class Loaded:
     # the dataset kind that seeds the val carve and fraction subset (None: the name's own);
     # a packed store names its source so that it splits exactly like the source
     split_key: str | None = None
+    unlabelled: Split | None = None  # SSL-only images (labels all UNLABELLED)
 
 
 def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

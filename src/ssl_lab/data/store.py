@@ -9,7 +9,8 @@ A store is a folder:
     <split>.offsets.npy      ... and int64 (N + 1,) byte offsets into it
     <split>.labels.npy       int64 (N,) or (N, F)
 
-for the source's splits (train, test and val when the source has its own). The header is
+for the source's splits (train, test, val when the source has its own, and unlabelled when it
+has images without labels: STL-10, an ImageFolder with loose images). The header is
 written last, so a folder without one is not a store (an interrupted pack).
 
 `open_store(DEST)` reads the header only: pixels are read from the memory map, a batch at a
@@ -244,7 +245,7 @@ class Store:
         return Loaded(train=self.split("train"), test=self.split("test"), val=self.split("val"),
                       factor_names=h["factor_names"], num_classes=h["num_classes"],
                       class_names=h["class_names"], default_target=h["default_target"],
-                      split_key=h["split_key"])
+                      split_key=h["split_key"], unlabelled=self.split("unlabelled"))
 
 
 def open_store(path: str | Path) -> Store:

@@ -1,7 +1,8 @@
 """Online linear probes on every named layer (Guillotine Regularization's protocol).
 
 Each layer gets its own linear classifier trained on *detached* features of the training views,
-with its own optimizer, so probing never changes what the encoder learns.
+with its own optimizer, so probing never changes what the encoder learns. Images without a label
+(UNLABELLED = -1: STL-10's unlabelled split) are left out of the probes' loss and accuracy.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ class OnlineProbes(nn.Module):
     def loss(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Sum of per-layer cross-entropies; also accumulates accuracy without a device sync."""
         total = 0.0
+        labelled = labels >= 0
+        n = labelled.sum()
         for name, head in self.heads.items():
             logits = head(features[name].detach().float())
-            total = total + nn.functional.cross_entropy(logits, labels)
-            hits = (logits.argmax(1) == labels).sum().detach()
+            # the mean over labelled rows (0 when none, without a device sync)
+            ce = nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            total = total + (ce * labelled).sum() / n.clamp(min=1)
+            hits = ((logits.argmax(1) == labels) & labelled).sum().detach()
             self.correct[name] = self.correct[name].to(hits.device) + hits
-        self.seen = self.seen.to(labels.device) + labels.numel()
+        self.seen = self.seen.to(labels.device) + n
         return total
 
     def pop_accuracy(self) -> dict[str, float]:

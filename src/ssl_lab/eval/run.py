@@ -10,12 +10,15 @@ architecture, so a sweep pays for them once. docs/eval.md describes the protocol
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from ssl_lab.config import Config, load_config
 from ssl_lab.data.sources import DatasetSplits, load_dataset
+from ssl_lab.data.splits import subset
 from ssl_lab.errors import UserError
 from ssl_lab.eval import blocked, probes
 from ssl_lab.eval.augmented import augmented_linear, check_layer
@@ -32,6 +36,7 @@ from ssl_lab.eval.inputs import to_model_input
 from ssl_lab.eval.metrics import knn_classify, linear_probe
 from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
 from ssl_lab.runtime import autocast, pick_device, resolve_precision, write_text_atomic
+from ssl_lab.seeding import numpy_rng
 
 __all__ = ["SPLITS", "dataset_tag", "eval_precision", "evaluate_run", "extract_features",
            "features_by_split", "pixel_features", "print_layer_table", "probe_data",
@@ -43,12 +48,30 @@ _RELEASE_EVERY = 32  # batches between releases of a packed store's read pages
 # ----------------------------------------------------------------------------- features
 
 
-def probe_data(cfg: Config) -> DatasetSplits:
-    """The labelled splits the probes use: eval.train_fraction of the training split
-    (data.fraction limits SSL training only), val and test whole."""
-    return load_dataset(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.seed, fraction=cfg.eval.train_fraction
-                        ).select_target(cfg.data.target)
+def eval_dataset(cfg: Config) -> str:
+    """The dataset the probes use: eval.data, else the training data (data.name)."""
+    return cfg.eval.data or cfg.data.name
+
+
+def probe_data(cfg: Config, data: DatasetSplits | None = None) -> DatasetSplits:
+    """The labelled splits the probes use (`data` when given, else eval_dataset(cfg) loaded):
+    eval.train_fraction of the training split (data.fraction limits SSL training only), val and
+    test whole. data.target applies when the probes use the training data."""
+    if data is None:
+        data = load_dataset(eval_dataset(cfg), cfg.data.root, val_fraction=cfg.data.val_fraction,
+                            seed=cfg.seed, fraction=cfg.eval.train_fraction,
+                            image_size=cfg.data.image_size)
+    elif cfg.eval.train_fraction < 1:
+        # seeded as load_dataset seeds its fraction subset
+        rng = numpy_rng(cfg.seed, zlib.crc32(data.name.encode()), 1)
+        keep = subset(data.train, cfg.eval.train_fraction, rng)
+        data = replace(data, train=keep)
+    if data.name == cfg.data.name:
+        data = data.select_target(cfg.data.target)
+    if not data.has_labels:
+        raise UserError(f"{data.name} has no labelled train and test images to probe on; "
+                        "evaluate on a labelled dataset: eval.data=NAME (or data= in Python)")
+    return data
 
 
 def eval_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -191,18 +214,34 @@ def cached(kind: str, key: dict, compute) -> dict:
 
 
 # eval.* keys that cannot change a baseline's numbers: left out of the cache key
-_NOT_IN_KEY = ("enabled", "feature_dir", "keep_features", "linear", "aug_layer", "aug_epochs",
-               "aug_batch_size", "aug_lr")
+_NOT_IN_KEY = {"enabled", "feature_dir", "keep_features", "linear", "aug_layer", "aug_epochs",
+               "aug_batch_size", "aug_lr"}
+
+
+def random_init_encoder(spec: dict, backbone: torch.nn.Module | None) -> Encoder:
+    """The run's architecture untrained. A wrapped module is copied and every sub-module that
+    can re-initialise itself (`reset_parameters`, as torch's layers do) does so."""
+    if backbone is None:
+        return encoder_from_spec(spec)
+    torch.manual_seed(0)
+    fresh = copy.deepcopy(backbone)
+    for module in fresh.modules():
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    return encoder_from_spec(spec, backbone=fresh)
 
 
 def _baselines(report: dict, spec: dict, data: DatasetSplits, cfg: Config, device: torch.device,
-               amp_dtype: torch.dtype | None, feature_dir: Callable[[str], FeatureDir]) -> None:
-    settings = {k: v for k, v in vars(cfg.eval).items() if k not in _NOT_IN_KEY}
-    data_key = {"data": cfg.data.name, "root": cfg.data.root, "target": cfg.data.target,
+               amp_dtype: torch.dtype | None, feature_dir: Callable[[str], FeatureDir],
+               backbone: torch.nn.Module | None = None) -> None:
+    settings = {k: v for k, v in vars(cfg.eval).items() if k not in _NOT_IN_KEY | {"data"}}
+    data_key = {"data": data.name, "root": cfg.data.root, "target": cfg.data.target,
                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "eval": settings}
-    arch_key = data_key | {k: spec[k] for k in ("model", "in_chans", "image_size", "mean", "std")}
+    arch_key = data_key | {k: spec.get(k) for k in ("model", "in_chans", "image_size", "mean",
+                                                    "std", "backbone")}
     report["random_init"] = cached("random-init", arch_key, lambda: evaluate_encoder(
-        encoder_from_spec(spec), data, cfg, device, amp_dtype, lambda: feature_dir("random-init")))
+        random_init_encoder(spec, backbone), data, cfg, device, amp_dtype,
+        lambda: feature_dir("random-init")))
     pixel_key = data_key | {"eval": {k: v for k, v in settings.items() if k != "layers"}}
     report["pixels"] = cached("pixels", pixel_key, lambda: pixel_baseline(data, cfg, device))
 
@@ -221,9 +260,11 @@ def _protocols(report: dict, cfg: Config) -> dict:
     return out
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
-    """Evaluate a run's encoder on its dataset (or another: `data.name=...`) and write
-    eval.json, evals/<dataset>.json and plots/probes[-<dataset>].png."""
+def evaluate_run(run_dir: Path, overrides: list[str] = (), *, data: DatasetSplits | None = None,
+                 backbone: torch.nn.Module | None = None, allow_import: bool = False) -> dict:
+    """Evaluate a run's encoder on its dataset (or another: `eval.data=...`, or `data` from
+    ssl_lab.data) and write eval.json, evals/<dataset>.json and plots/probes[-<dataset>].png.
+    A wrapped module's run needs its `backbone` again (see models/encoder.py)."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
@@ -232,27 +273,28 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device()
     amp_dtype = eval_precision(cfg, device)
-    data = probe_data(cfg)
-    encoder = load_encoder(run_dir)
+    encoder = load_encoder(run_dir, backbone, allow_import)
+    data = probe_data(cfg, data)
     select_layers(encoder, cfg.eval.layers)  # bad names fail before any work
     if cfg.eval.linear == "augmented":
         check_layer(encoder, cfg.eval.aug_layer)
 
     def feature_dir(kind: str) -> FeatureDir:
         base = Path(cfg.eval.feature_dir).expanduser() if cfg.eval.feature_dir else run_dir
-        keep = base / "features" / _dataset_tag(cfg) / kind if cfg.eval.keep_features else None
+        keep = base / "features" / dataset_tag(data.name, cfg.data.target) / kind \
+            if cfg.eval.keep_features else None
         return FeatureDir(base, keep)
 
-    report = {"dataset": cfg.data.name, "target": cfg.data.target,
+    report = {"dataset": data.name, "target": cfg.data.target,
               "probe_train_size": len(data.train.images),
               "layers": evaluate_encoder(encoder, data, cfg, device, amp_dtype,
                                          lambda: feature_dir("trained"))}
     report["best_layer"] = max(report["layers"], key=lambda k: report["layers"][k]["linear_val"])
     if cfg.eval.linear == "augmented":
-        report["augmented"] = augmented_linear(load_encoder(run_dir), data, cfg, device,
-                                               amp_dtype)
+        report["augmented"] = augmented_linear(load_encoder(run_dir, backbone, allow_import),
+                                               data, cfg, device, amp_dtype)
     if cfg.eval.baselines:
-        _baselines(report, spec, data, cfg, device, amp_dtype, feature_dir)
+        _baselines(report, spec, data, cfg, device, amp_dtype, feature_dir, backbone)
     report["protocol"] = _protocols(report, cfg)
     report["eval_s"] = time.perf_counter() - start
     _write_report(report, run_dir, cfg)
@@ -265,20 +307,18 @@ def dataset_tag(name: str, target: str | None = None) -> str:
     return f"{tag}-{target}" if target else tag
 
 
-def _dataset_tag(cfg: Config) -> str:
-    return dataset_tag(cfg.data.name, cfg.data.target)
-
-
 def _write_report(report: dict, run_dir: Path, cfg: Config) -> None:
     from ssl_lab.plots import plot_layer_probes
 
     train_cfg = load_config(run_dir / "config.yaml")
-    same_data = _dataset_tag(train_cfg) == _dataset_tag(cfg)
-    plot = run_dir / "plots" / ("probes.png" if same_data else f"probes-{_dataset_tag(cfg)}.png")
+    tag = dataset_tag(report["dataset"], cfg.data.target)
+    # the run's own evaluation (its data, or the eval.data it was trained with) is probes.png
+    same_data = tag == dataset_tag(eval_dataset(train_cfg), train_cfg.data.target)
+    plot = run_dir / "plots" / ("probes.png" if same_data else f"probes-{tag}.png")
     report["plot"] = str(plot)
     text = json.dumps(report, indent=1)
     (run_dir / "evals").mkdir(exist_ok=True)
-    write_text_atomic(run_dir / "evals" / f"{_dataset_tag(cfg)}.json", text)
+    write_text_atomic(run_dir / "evals" / f"{tag}.json", text)
     write_text_atomic(run_dir / "eval.json", text)
     plot_layer_probes(report, plot)
 

@@ -52,11 +52,14 @@ def check_encoder_dir(path: str) -> dict:
     return read_spec(Path(path))
 
 
-def make_encoder(cfg: RCDMConfig, enc_spec: dict) -> Encoder:
+def make_encoder(cfg: RCDMConfig, enc_spec: dict, backbone: torch.nn.Module | None = None,
+                 allow_import: bool = False) -> Encoder:
+    """The frozen encoder (trained, or random-init); a wrapped module's run needs `backbone`."""
     if cfg.random_init:
-        encoder = encoder_from_spec(enc_spec, seed=cfg.seed).eval()
+        encoder = encoder_from_spec(enc_spec, seed=cfg.seed, backbone=backbone,
+                                    allow_import=allow_import).eval()
     else:
-        encoder = load_encoder(Path(cfg.encoder))
+        encoder = load_encoder(Path(cfg.encoder), backbone, allow_import)
     if cfg.layer not in encoder.feature_dims:
         raise UserError(f"layer={cfg.layer!r} is not a layer of this encoder; choose one of "
                         f"{', '.join(encoder.layer_names)}")
@@ -86,8 +89,15 @@ def make_model(spec: dict) -> rcdm.RCDM:
     return rcdm.RCDM(unet, spec["feature_dim"])
 
 
-def encoder_data(cfg: RCDMConfig, fraction: float = 1.0) -> DatasetSplits:
-    """The encoder's dataset, split exactly as the encoder run split it."""
+def encoder_data(cfg: RCDMConfig, fraction: float = 1.0, data: DatasetSplits | None = None
+                 ) -> DatasetSplits:
+    """The encoder's dataset, split exactly as the encoder run split it (or `data`, given in
+    Python: ssl_lab.data.from_arrays / from_dataset)."""
+    if data is not None:
+        if fraction < 1:
+            raise UserError("data.fraction subsamples a named dataset; with data= given, pass "
+                            "the subset to train on (or set data.fraction=1)")
+        return data
     enc_cfg = from_dict(read_yaml(Path(cfg.encoder) / "config.yaml"), Config)
     data = load_dataset(enc_cfg.data.name, enc_cfg.data.root,
                         val_fraction=enc_cfg.data.val_fraction, seed=enc_cfg.seed,

@@ -24,7 +24,8 @@ def cmd_train(ns: argparse.Namespace) -> None:
     from ssl_lab.gen.rcdm_train import train_rcdm
 
     encoder_run, overrides = split_config_args(ns.args, "ENCODER_RUN")
-    train_rcdm(load_train_config(encoder_run, overrides))
+    train_rcdm(load_train_config(encoder_run, overrides),
+               allow_import=getattr(ns, "allow_import", False))
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:

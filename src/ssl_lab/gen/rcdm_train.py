@@ -22,6 +22,7 @@ import torch
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import seeding
+from ssl_lab.data.splits import DatasetSplits
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import extract_features
 from ssl_lab.gen import rcdm
@@ -86,7 +87,8 @@ class Setup:
                 "scaler": self.scaler if self.scaler.is_enabled() else None}
 
 
-def plan_run(cfg: RCDMConfig) -> Plan:
+def plan_run(cfg: RCDMConfig, backbone: torch.nn.Module | None = None,
+             allow_import: bool = False) -> Plan:
     """Validate the inputs (encoder run, layer, canvas, run directory, a resumed run's spec);
     writes nothing."""
     if cfg.train.threads:
@@ -94,7 +96,7 @@ def plan_run(cfg: RCDMConfig) -> Plan:
     device = pick_device()
     amp_dtype = resolve_precision(cfg.train.precision, device)
     enc_spec = check_encoder_dir(cfg.encoder)
-    encoder = make_encoder(cfg, enc_spec)
+    encoder = make_encoder(cfg, enc_spec, backbone, allow_import)
     tag = "random" if cfg.random_init else cfg.layer
     run = RunDir.check(cfg.run.dir, cfg.resume, f"rcdm-{tag}")
     spec = make_spec(cfg, enc_spec, encoder)
@@ -116,10 +118,10 @@ def _check_saved_spec(run: RunDir, spec: dict) -> None:
                             "run.dir")
 
 
-def build(plan: Plan) -> Setup:
+def build(plan: Plan, data: DatasetSplits | None = None) -> Setup:
     """Data, model and features (the encoder is frozen: h(x) is computed once)."""
     cfg, device = plan.cfg, plan.device
-    data = encoder_data(cfg, cfg.data.fraction)
+    data = encoder_data(cfg, cfg.data.fraction, data)
     if len(data.train.images) == 0:
         raise UserError(f"data.fraction={cfg.data.fraction} leaves no training image of "
                         f"{plan.spec['dataset']}; raise data.fraction")
@@ -183,13 +185,16 @@ class RCDMTrainer:
         return fields
 
 
-def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None) -> Path:
-    """Train (or resume) an RCDM run; returns its directory. `stop_at_step` simulates a crash
-    after that many steps (tests use it): no final checkpoint, no summary."""
+def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None, *,
+               backbone: torch.nn.Module | None = None, data: DatasetSplits | None = None,
+               allow_import: bool = False) -> Path:
+    """Train (or resume) an RCDM run; returns its directory. An encoder run of a wrapped module
+    needs its `backbone`, one trained on Python data its `data` (ssl_lab.data). `stop_at_step`
+    simulates a crash after that many steps (tests use it): no final checkpoint, no summary."""
     wall_start = time.perf_counter()
-    plan = plan_run(cfg)
+    plan = plan_run(cfg, backbone, allow_import)
     with plan.run.take(cfg.resume):
-        s = build(plan)
+        s = build(plan, data)
         out = Outcome(0, 0.0)
         if cfg.resume:
             out.step, out.train_time, _ = ckpt_io.restore_training(plan.run.path, s.modules(),

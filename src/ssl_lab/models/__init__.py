@@ -10,6 +10,14 @@ Every backbone built by `build_backbone` exposes (timm-like):
 
 Layer names, used by every probe, evaluation and plot: ResNet `stage1`..`stage3` + `backbone`;
 ViT `block1`..`blockL` + `backbone`; projector `proj1`..`projN`.
+
+ViTs: `vit` is a toy for small images on a CPU (patch 4, dim 192, depth 6, heads 3);
+`vit_tiny`, `vit_small`, `vit_base` are ViT-Ti/16, ViT-S/16, ViT-B/16. `patch_size`, `dim`,
+`depth`, `heads`, `mlp_ratio` and `pool` override a preset.
+
+`from_module(net, layers={...})` wraps any `nn.Module` (its widths measured by one dummy
+forward, the only exception to "declared"); it has no `build_backbone` name and no
+`last_width` (`supports_last_width` is False).
 """
 
 from __future__ import annotations
@@ -23,6 +31,13 @@ from ssl_lab.models.resnet import ARCHS as RESNETS
 from ssl_lab.models.resnet import ResNet
 from ssl_lab.models.vit import PRESETS as VITS
 from ssl_lab.models.vit import ViT
+from ssl_lab.models.wrap import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModuleBackbone,
+    from_module,
+    load_factory,
+)
 
 BACKBONES: tuple[str, ...] = (*RESNETS, *VITS)
 
@@ -38,7 +53,8 @@ def build_backbone(name: str, *, width: float = 1.0, last_width: int | None = No
                    **kwargs) -> nn.Module:
     """Build a backbone by name (one of BACKBONES); UserError on an unknown name or option.
 
-    `stem` only applies to ResNets (a ViT has a patch embedding instead and ignores it).
+    ViT options (`patch_size`, `dim`, `depth`, `heads`, `mlp_ratio`, `pool`) override the
+    preset's. `stem` only applies to ResNets (a ViT has a patch embedding instead and ignores it).
     """
     family = "resnet" if name in RESNETS else "vit" if name in VITS else None
     if family is None:
@@ -55,11 +71,16 @@ def build_backbone(name: str, *, width: float = 1.0, last_width: int | None = No
 
 __all__ = [
     "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Backbone",
+    "ModuleBackbone",
     "LayerSpec",
     "Projector",
     "ResNet",
     "ViT",
     "build_backbone",
+    "from_module",
+    "load_factory",
     "parse_projector_spec",
 ]

@@ -21,9 +21,15 @@ class Backbone(nn.Module):
     embed_dim: int
     feature_dims: dict[str, int]  # ordered shallow -> deep, ends with "backbone"
     config: dict
+    # `last_width` (Expand or Narrow) rebuilds the last block, which only a built-in backbone can
+    supports_last_width: bool = True
+    # input statistics the backbone expects (a wrapped pretrained net); None: the dataset's
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def layer_names(self) -> list[str]:
+        """Layer names, shallow -> deep, ending with "backbone"."""
         return list(self.feature_dims)
 
     def check_layers(self, layers: Sequence[str] | str) -> list[str]:

@@ -1,21 +1,28 @@
-"""A small Vision Transformer with per-block features and a `last_width` knob.
+"""Vision Transformers with per-block features and a `last_width` knob.
 
-Conv patch embedding, a CLS token, learned position embeddings, `depth` pre-norm blocks
-(multi-head self-attention through `F.scaled_dot_product_attention`, MLP ratio 4, GELU) and a
-final LayerNorm. Parameter names follow timm (patch_embed.proj, cls_token, pos_embed,
-blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm).
+Conv patch embedding (with bias), a CLS token, learned position embeddings (1 + T tokens),
+`depth` pre-norm blocks (multi-head self-attention through `F.scaled_dot_product_attention`
+with a biased qkv, MLP ratio 4, GELU) and a final LayerNorm: timm's VisionTransformer
+without its classifier head. Parameter names follow timm (patch_embed.proj, cls_token,
+pos_embed, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm), so at 224 px the
+counts equal timm's minus the head: ViT-S/16 21,665,664 and ViT-B/16 85,798,656.
 
-`vit_tiny` defaults, chosen for 32x32 images on a CPU: patch 4 (64 tokens + CLS), dim 192,
-depth 6, heads 3 (timm's ViT-Tiny width and heads at half its depth). `width` multiplies `dim`,
-rounded to a multiple of `heads`.
+Presets (`patch_size`, `dim`, `depth`, `heads`, each overridable by keyword):
+
+- `vit`: the toy for small images on a CPU: patch 4 (64 tokens + CLS at 32 px), dim 192,
+  depth 6, heads 3 (ViT-Ti's width and heads at half its depth);
+- `vit_tiny` ViT-Ti/16 (192, 12, 3), `vit_small` ViT-S/16 (384, 12, 6), `vit_base` ViT-B/16
+  (768, 12, 12): patch 16, for 224 px images.
+
+`width` multiplies `dim`, rounded to a multiple of `heads`.
 
 `pool="cls"` reads the CLS token, `pool="mean"` the mean of the patch tokens (CLS excluded).
 Layer names: `block1` ... `blockL` (pooled output of each block, before the final norm) and
 `backbone` (pooled output of the final LayerNorm).
 
-`last_width` (Expand or Narrow, Bordes et al. 2023): the LAST block's MLP writes `last_width` channels and
-its residual goes through a Linear(dim -> last_width); the final LayerNorm has `last_width`
-channels; `embed_dim = last_width`. Nothing else changes shape.
+`last_width` (Expand or Narrow, Bordes et al. 2023): the LAST block's MLP writes `last_width`
+channels and its residual goes through a Linear(dim -> last_width); the final LayerNorm has
+`last_width` channels; `embed_dim = last_width`. Nothing else changes shape.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from ssl_lab.models.base import Backbone
 
 POOLS = ("cls", "mean")
 PRESETS: dict[str, dict] = {
-    "vit_tiny": dict(patch_size=4, dim=192, depth=6, heads=3),
     "vit": dict(patch_size=4, dim=192, depth=6, heads=3),
+    "vit_tiny": dict(patch_size=16, dim=192, depth=12, heads=3),
+    "vit_small": dict(patch_size=16, dim=384, depth=12, heads=6),
+    "vit_base": dict(patch_size=16, dim=768, depth=12, heads=12),
 }
 
 
@@ -85,9 +94,12 @@ def scaled_dim(dim: int, width: float, heads: int) -> int:
 
 
 class ViT(Backbone):
+    """A ViT preset (see PRESETS) whose `patch_size`, `dim`, `depth` and `heads` any keyword
+    overrides; see the module docstring for layer names, pooling and `last_width`."""
+
     def __init__(
         self,
-        name: str = "vit_tiny",
+        name: str = "vit",
         *,
         width: float = 1.0,
         last_width: int | None = None,
@@ -178,6 +190,7 @@ class ViT(Backbone):
 
 def check_args(width: float, last_width: int | None, in_chans: int, image_size: int, pool: str,
                *, patch_size: int, dim: int, depth: int, heads: int) -> None:
+    """UserError naming the first invalid ViT argument and how to fix it."""
     if pool not in POOLS:
         raise UserError(f"unknown ViT pool {pool!r}; choose one of {', '.join(POOLS)}")
     if not width > 0:
@@ -191,5 +204,8 @@ def check_args(width: float, last_width: int | None, in_chans: int, image_size: 
     if image_size % patch_size:
         raise UserError(
             f"image_size {image_size} is not divisible by patch_size {patch_size}; "
-            "choose a patch size that divides the image size"
+            "choose a patch size that divides the image size (or the toy ViT `vit`, patch 4)"
         )
+    if dim % heads:
+        raise UserError(f"ViT dim {dim} is not divisible by heads {heads}; "
+                        "choose a dim that is a multiple of the number of heads")

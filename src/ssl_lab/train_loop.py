@@ -23,6 +23,7 @@ from ssl_lab import dist, seeding
 from ssl_lab.config import RESUME_SAFE_KEYS, Config
 from ssl_lab.config_io import flatten, read_yaml, resume_conflicts, to_dict
 from ssl_lab.data.loader import BatchLoader
+from ssl_lab.data.splits import DatasetSplits
 from ssl_lab.errors import UserError
 from ssl_lab.eval.metrics import rankme
 from ssl_lab.logger import MetricsLogger, nan_message
@@ -84,12 +85,18 @@ def collapse_monitors(z: torch.Tensor) -> dict[str, float]:
             * z0.shape[1] ** 0.5, "rankme": rankme(z0)}
 
 
-def train(cfg: Config, stop_at_step: int | None = None) -> Path:
-    """Run (or resume) a training run; returns its directory. `stop_at_step` simulates a crash
-    after that many steps (tests use it): no final checkpoint, no evaluation."""
+def train(cfg: Config, stop_at_step: int | None = None, *, backbone: torch.nn.Module | None = None,
+          data: DatasetSplits | None = None, allow_import: bool = False) -> Path:
+    """Run (or resume) a training run; returns its directory.
+
+    `backbone` (ssl_lab.models.from_module) and `data` (ssl_lab.data.from_arrays/from_dataset)
+    replace model.backbone and data.name; the wrapped module is trained in place. `allow_import`
+    lets model.backbone=import:package.module:factory import and call that factory.
+    `stop_at_step` simulates a crash after that many steps (tests use it): no final checkpoint,
+    no evaluation."""
     info = dist.init_from_env()
     try:
-        s = build(cfg, info)
+        s = build(cfg, info, backbone=backbone, data=data, allow_import=allow_import)
         with contextlib.ExitStack() as held:
             agreed(info, lambda: held.enter_context(s.run.take(s.cfg.resume)))
             return _train(s, stop_at_step, time.perf_counter())
@@ -107,7 +114,8 @@ class _Window:
 def _train(s: Setup, stop_at_step: int | None, wall_start: float) -> Path:
     cfg, main = s.cfg, s.info.is_main
     step, train_time = start(s)
-    loader = BatchLoader(s.data.train.images, s.data.train.labels, s.per_rank, cfg.seed,
+    ssl = s.data.ssl_train
+    loader = BatchLoader(ssl.images, ssl.labels, s.per_rank, cfg.seed,
                          rank=s.info.rank, world_size=s.info.world_size, device=s.device,
                          prefetch=cfg.data.prefetch)
     batches = loader.batches(step, s.total_steps)
@@ -242,7 +250,9 @@ def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,
                / max(train_time, 1e-9),
                "online_probes": online_acc}
     if s.cfg.eval.enabled:
-        report = evaluate_run(s.run_dir)
+        # data the caller brought is probed as given unless eval.data names another dataset
+        data = s.given_data if not s.cfg.eval.data else None
+        report = evaluate_run(s.run_dir, data=data, backbone=s.given_backbone)
         summary |= summary_from_eval(report)
         print_layer_table(report, s.run_dir)
     summary["wall_s"] = time.perf_counter() - wall_start  # this invocation, evaluation included

@@ -10,6 +10,7 @@ falls back to an older checkpoint with a warning when the newest is damaged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ssl_lab.errors import UserError
-from ssl_lab.runtime import write_text_atomic
+from ssl_lab.runtime import os_user_error, short_path, write_text_atomic
 
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
 _STEP_NAME = re.compile(r"step-\d{7}")
@@ -54,25 +55,52 @@ def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, modules: dict[str, nn.Module], state: dict[str, Any],
                     keep: int = 2) -> Path:
+    """Write checkpoints/step-XXXXXXX whole (temporary folder, then renamed) and keep the newest
+    `keep`. An OS error (full disk, permissions) removes the unfinished folder and stops with one
+    line naming the checkpoint; the previous checkpoints are untouched."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(flat_state(modules), str(tmp / WEIGHTS))
-    torch.save(state, tmp / STATE)
-    meta = {"step": step, "epoch": state.get("epoch"),
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
-                      for f in (WEIGHTS, STATE)}}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    fsync_dir(tmp)
-    if final.exists():  # a resumed run re-saving the same step: replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    write_text_atomic(root / "latest", final.name)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        # serialised in memory, then written with plain writes: a full disk is then an OSError
+        # naming its cause (torch.save's own writer reports it as "unexpected pos ...")
+        _write_bytes(tmp / WEIGHTS, save(flat_state(modules)))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_bytes(tmp / STATE, buffer.getvalue())
+        meta = {"step": step, "epoch": state.get("epoch"),
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+                          for f in (WEIGHTS, STATE)}}
+        _write_bytes(tmp / META, json.dumps(meta, indent=1).encode())
+        fsync_dir(tmp)
+        if final.exists():  # a resumed run re-saving the same step: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        write_text_atomic(root / "latest", final.name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _newest_complete(root)
+        then = (f"the newest complete checkpoint, {kept.name}, is kept; " if kept else "") + \
+            f"resume with run.dir={short_path(run_dir)} resume=true"
+        raise os_user_error("cannot write checkpoint", final, exc, then) from None
     _prune(root, keep)
     return final
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _newest_complete(root: Path) -> Path | None:
+    try:
+        found = [c for c in _own_checkpoints(root) if (c / META).is_file()]
+    except OSError:  # only for the message: an unreadable folder names no checkpoint
+        return None
+    return found[0] if found else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -196,9 +224,16 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     """The non-tensor training state; only plain containers and tensors are ever unpickled."""
     try:
         return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{ckpt / STATE} holds objects other than tensors and plain containers; "
-                        "ssl-lab does not load such files (they could run code)") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise UserError(f"cannot read {ckpt / STATE} ({str(exc).splitlines()[0][:200]}); the "
-                        "checkpoint is damaged") from None
+    except Exception as exc:  # noqa: BLE001  any failure to parse the file is the file's fault
+        raise UserError(torch_load_error(ckpt / STATE, exc, "the checkpoint is damaged")) from None
+
+
+def torch_load_error(path: Path, exc: BaseException, damaged: str) -> str:
+    """ssl-lab's own line for a file torch.load(weights_only=True) refused. torch's message
+    advises weights_only=False (unpickling, which can run code): it is never quoted."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Unpickler" in text:
+        return (f"{short_path(path)} holds objects other than tensors and plain containers; "
+                "ssl-lab does not load such files (they could run code)")
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    return f"cannot read {short_path(path)} ({first}); {damaged}"

@@ -6,7 +6,9 @@ Every mistake a user can cause surfaces as a `UserError`: one line on stderr, ex
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from ssl_lab.config_io import pop_options, split_config_args
 from ssl_lab.errors import UserError
@@ -21,15 +23,23 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
+    from ssl_lab.config import load_config
     from ssl_lab.eval.run import evaluate_run, print_layer_table
     from ssl_lab.runtime import existing_run_dir
+    from ssl_lab.train_loop import eval_notice
 
     run_dir = existing_run_dir(ns.run_dir, "ssl-lab train")
+    missing = [name for name in ("config.yaml", "encoder.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a run directory (no {' or '.join(missing)}); pass a "
+                        "directory made by `ssl-lab train` or `ssl-lab import`")
+    print(eval_notice(load_config(run_dir / "config.yaml", ns.overrides)), flush=True)
     report = evaluate_run(run_dir, ns.overrides, allow_import=getattr(ns, "allow_import", False))
     print_layer_table(report, run_dir)
 
 
 def cmd_views(ns: argparse.Namespace) -> None:
+    import numpy as np
     import torch
 
     from ssl_lab.config import load_config
@@ -43,7 +53,7 @@ def cmd_views(ns: argparse.Namespace) -> None:
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
     n = options["rows"]
-    images = torch.from_numpy(data.train.images[:n])
+    images = torch.from_numpy(np.asarray(data.ssl_train.images[:n]))
     size = view_size(cfg, data)
     views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
                           size, cfg.views.n)
@@ -74,8 +84,16 @@ def cmd_data_info(ns: argparse.Namespace) -> None:
         print("checksums  ok")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with ssl-lab's error convention: one line and exit 2 (the usage is `--help`)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        line = " ".join(message.split())
+        self.exit(2, f"ssl-lab: error: {self.prog}: {line[:300]} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ssl-lab", description=__doc__.splitlines()[0],
         epilog=f"{ALLOW_IMPORT} (anywhere): let model.backbone=import:package.module:factory "
         "import and call that factory (never done otherwise)")
@@ -130,10 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ssl-lab: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ssl-lab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(interrupted_message(getattr(exc, "run_dir", None), ns), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted_message(run_dir: Path | None, ns: argparse.Namespace) -> str:
+    """One line for Ctrl-C: the run directory the engine was writing (set on the exception by
+    train_loop.train / rcdm_train.train_rcdm), the checkpoint a resume starts from, and the
+    command that resumes it."""
+    if run_dir is None:
+        return "ssl-lab: interrupted"
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    where = (f"a resume starts from {Path(run_dir) / 'checkpoints' / name} "
+             f"(step {int(name[5:])})" if name[5:].isdigit()
+             else "no checkpoint yet, so a resume starts at step 0")
+    if ns.command == "sweep":  # a point's run directory lies in the sweep's out=
+        how = (f"`ssl-lab sweep out={shlex.quote(str(Path(run_dir).parent))}` (finished points "
+               "are skipped)")
+    else:
+        sub = getattr(ns, f"{ns.command}_command", None)
+        words = " ".join(w for w in ("ssl-lab", ns.command, sub) if w)
+        how = f"`{words} run.dir={shlex.quote(str(run_dir))} resume=true`"
+    return f"ssl-lab: interrupted; run directory {run_dir}: {where}; continue with {how}"
 
 
 def run() -> None:

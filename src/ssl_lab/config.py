@@ -1,14 +1,17 @@
 """The training run's typed configuration: one dataclass per section (run, data, views, model,
-method, optim, train, probe, eval), the keys that may change on resume, and the value checks.
+method, optim, train, probe, eval), the keys that may change on resume, and the value checks
+(the Range mechanism every command's config uses, and this config's table of ranges).
 The machinery (YAML, key=value, resume against a saved config) is ssl_lab.config_io.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ssl_lab.config_io import flatten, load_typed, to_dict
+from ssl_lab.config_io import flatten, leaf_hints, load_typed, short, to_dict, union_members
 from ssl_lab.errors import UserError
 
 
@@ -190,6 +193,95 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return load_typed(Config, path, overrides, RESUME_SAFE_KEYS, validate)
 
 
+# ----------------------------------------------------------------------------- ranges
+# The mechanism every command's config uses (rcdm_config and infusion_config have their own
+# tables); the training run's table, RANGES, follows below.
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: finite, in [low, high] (`open_low` / `open_high`
+    exclude that bound); `why` is said with a refusal. Each config keeps a table
+    {key: Range} that covers every numeric key (tests enumerate the dataclasses)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def __str__(self) -> str:
+        right = ")" if self.open_high or self.high == math.inf else "]"
+        return f"{'(' if self.open_low else '['}{_bound(self.low)}, {_bound(self.high)}{right}"
+
+    def problem(self, value: int | float) -> str | None:
+        """None if `value` is allowed, else what it must be ("must be >= 2")."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if value < self.low or self.open_low and value == self.low:
+            return f"must be {'>' if self.open_low else '>='} {_bound(self.low)}"
+        if value > self.high or self.open_high and value == self.high:
+            return f"must be {'<' if self.open_high else '<='} {_bound(self.high)}"
+        return None
+
+
+def closed(low: float, high: float = math.inf, why: str = "") -> Range:
+    """[low, high]."""
+    return Range(low, high, why=why)
+
+
+def above(low: float, high: float = math.inf, why: str = "") -> Range:
+    """(low, high]: e.g. above(0) for a positive number."""
+    return Range(low, high, open_low=True, why=why)
+
+
+SEED = closed(0, 2**32 - 1, "derived seeds (seed x 1000003 + step) must fit torch's 64 bits")
+UNIT = closed(0, 1)  # a fraction or a momentum
+SHARE = above(0, 1)  # a share of something that must not be empty (data.fraction)
+STEPS = closed(1, 2**31 - 1)  # a count of steps (how often to log or checkpoint)
+
+
+MAX_TEXT = 256  # a name, a spec, a list of layers
+MAX_PATH = 4096  # PATH_MAX on Linux: paths (and data.name=imagefolder:PATH) may be this long
+
+
+def check_text(cfg: Any, paths: tuple[str, ...] = (), label: str = "config key '{}'") -> None:
+    """Every string value of `cfg` is at most MAX_TEXT characters (MAX_PATH for the keys in
+    `paths`): nothing downstream has to guard its messages against a megabyte value."""
+    for key, value in flatten(to_dict(cfg)).items():
+        limit = MAX_PATH if key in paths else MAX_TEXT
+        if isinstance(value, str) and len(value) > limit:
+            raise UserError(f"{label.format(key)} is {len(value)} characters long; at most "
+                            f"{limit} are allowed, got {short(value)}")
+
+
+def _bound(x: float) -> str:
+    if x == math.inf:
+        return "inf"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_ranges(cfg: Any, table: dict[str, Range], label: str = "config key '{}'") -> None:
+    """Refuse the first value of `cfg` (a dataclass tree) outside its key's Range: one line
+    naming the key (`label` formats it), the rule, the allowed range and the value (cut). A
+    null or a string where the annotation allows one is not a number to check; any other
+    non-number (a config built in Python skips from_dict's types) is refused too."""
+    flat = flatten(to_dict(cfg))
+    hints = leaf_hints(type(cfg))
+    for key, rule in table.items():
+        value, members = flat[key], union_members(hints[key])
+        if value is None and type(None) in members or isinstance(value, str) and str in members:
+            continue
+        null = " or null" if type(None) in members else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{label.format(key)} expects a number{null}, got {short(value)}")
+        problem = rule.problem(value)
+        if problem:
+            why = f"; {rule.why}" if rule.why else ""
+            raise UserError(f"{label.format(key)} {problem} (allowed: {rule}{null}{why}), "
+                            f"got {short(value)}")
+
+
 # ----------------------------------------------------------------------------- validation
 
 _CHOICES = {
@@ -197,67 +289,88 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.on_nan": ("stop", "skip"),
     "eval.precision": ("fp32", "train"),
+    "eval.feature_dtype": ("float32", "float16"),
+    "eval.linear": ("frozen", "augmented"),
     "method.beta_scaling": ("none", "inverse_dim"),
     "model.stem": ("cifar", "small", "imagenet"),
     "model.pool": ("cls", "mean"),
 }
 
+SIDE = closed(0, 4096)  # an image or view side in pixels (0 = the default); 4096² x 3 B = 48 MiB
+POSITIVE = above(0)
+NON_NEGATIVE = closed(0)
+BIG = 2**24  # batch sizes and similar counts: far above any real setting, still allocatable
 
-_POSITIVE = ("optim.lr", "optim.batch_size", "train.epochs", "views.n", "train.ckpt_every_steps",
-             "train.log_every_steps", "method.temperature", "probe.lr", "eval.batch_size",
-             "eval.knn_k", "eval.knn_temperature", "model.width", "method.beta_ref_dim",
-             "views.size_step", "method.student_temp", "method.teacher_temp",
-             "method.warmup_teacher_temp", "eval.ram_budget_mb", "eval.aug_epochs",
-             "eval.aug_batch_size", "eval.aug_lr")
-_NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_epochs", "views.noise_std", "views.size",
-                 "views.small_n", "views.small_size", "views.min_size", "views.ramp_start",
-                 "data.prefetch", "method.lambd", "method.beta", "method.warmup_teacher_temp_epochs",
-                 "method.freeze_last_layer_epochs", "method.clip_grad", "data.image_size",
-                 "model.patch_size", "model.depth", "model.heads", "model.embed_dim")
-_UNIT = ("method.momentum", "method.center_momentum")  # in [0, 1]
+# Every numeric key's allowed values (finite, and in this range); config_io.check_ranges.
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    "data.fraction": SHARE, "data.val_fraction": Range(0, 1, open_high=True),
+    "data.prefetch": closed(0, 64), "data.image_size": SIDE,
+    "views.n": closed(2, 64, "joint-embedding SSL compares views"),
+    "views.size": SIDE, "views.noise_std": closed(0, 10), "views.small_n": closed(0, 64),
+    "views.small_size": SIDE, "views.small_scale": above(0.05, 1),
+    "views.crop_min_scale": SHARE, "views.min_size": SIDE,
+    "views.ramp_start": closed(0, 10**6), "views.ramp_end": closed(0, 10**6),
+    "views.size_step": closed(1, 4096),
+    # ViT sizes (0 = the preset's): ViT-g has 40 blocks, 16 heads, width 1408
+    "model.width": above(0, 8), "model.last_width": closed(1, 65536), "model.patch_size": SIDE,
+    "model.depth": closed(0, 128), "model.heads": closed(0, 256), "model.embed_dim": closed(0, 16384),
+    "method.temperature": POSITIVE, "method.negatives": closed(1, BIG),
+    "method.lambd": NON_NEGATIVE, "method.beta": NON_NEGATIVE,
+    "method.beta_ref_dim": closed(1, 2**20), "method.sim_weight": NON_NEGATIVE,
+    "method.var_weight": NON_NEGATIVE, "method.cov_weight": NON_NEGATIVE,
+    "method.momentum": UNIT, "method.student_temp": POSITIVE, "method.teacher_temp": POSITIVE,
+    "method.warmup_teacher_temp": POSITIVE, "method.warmup_teacher_temp_epochs": NON_NEGATIVE,
+    "method.center_momentum": UNIT, "method.freeze_last_layer_epochs": NON_NEGATIVE,
+    "method.clip_grad": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.batch_size": closed(2, BIG, "BatchNorm and contrastive losses need 2 images a batch"),
+    "optim.warmup_epochs": closed(0, 10**6), "optim.momentum": UNIT,
+    "optim.final_lr_frac": closed(0, 1, "the cosine ends at this fraction of the peak lr"),
+    "train.epochs": above(0, 10**6), "train.budget_s": POSITIVE, "train.ckpt_every_steps": STEPS,
+    "train.log_every_steps": STEPS, "train.threads": closed(1, 4096),
+    "probe.lr": POSITIVE,
+    "eval.knn_k": closed(1, BIG), "eval.knn_temperature": POSITIVE, "eval.train_fraction": SHARE,
+    "eval.batch_size": closed(1, BIG), "eval.ram_budget_mb": closed(1, 2**30),
+    "eval.aug_epochs": closed(1, 10**5), "eval.aug_batch_size": closed(1, BIG),
+    "eval.aug_lr": POSITIVE,
+}
+
+
+# string keys that hold paths (data.name: imagefolder:PATH, model.backbone: import:module:factory)
+PATH_KEYS = ("run.dir", "data.name", "data.root", "model.backbone", "eval.data", "eval.feature_dir")
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; names of methods/backbones/recipes/data are
-    checked where they are looked up, against the registries that define them."""
+    """Value checks that types alone cannot express: choices, every numeric key's Range, and the
+    rules between keys that need no data (train_setup checks those that do). Names of methods,
+    backbones, recipes and data are checked where they are looked up, against their registries."""
     flat = flatten(to_dict(cfg))
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
-            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
-    for keys, ok, rule in ((_POSITIVE, lambda v: v > 0, "> 0"),
-                           (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (_UNIT, lambda v: 0 <= v <= 1, "in [0, 1]")):
-        for key in keys:
-            if not ok(flat[key]):
-                raise UserError(f"config key '{key}' must be {rule}, got {flat[key]!r}")
-    _check_ranges(cfg)
-
-
-def _check_ranges(cfg: Config) -> None:
-    if cfg.views.n < 2:
-        raise UserError(f"views.n must be >= 2 (joint-embedding SSL compares views), got {cfg.views.n}")
-    if cfg.views.crop_min_scale is not None and not 0 < cfg.views.crop_min_scale <= 1:
-        raise UserError(f"views.crop_min_scale must be in (0, 1], got {cfg.views.crop_min_scale}")
-    if not 0.05 < cfg.views.small_scale <= 1:
-        raise UserError(f"views.small_scale must be in (0.05, 1], got {cfg.views.small_scale}")
-    if not 0 < cfg.data.fraction <= 1:
-        raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
-    if not 0 < cfg.eval.train_fraction <= 1:
-        raise UserError(f"eval.train_fraction must be in (0, 1], got {cfg.eval.train_fraction}")
-    for key, choices in (("feature_dtype", ("float32", "float16")),
-                         ("linear", ("frozen", "augmented"))):
-        if getattr(cfg.eval, key) not in choices:
-            raise UserError(f"config key 'eval.{key}' must be one of {', '.join(choices)}, "
-                            f"got {getattr(cfg.eval, key)!r}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, "
+                            f"got {short(flat[key])}")
+    check_text(cfg, PATH_KEYS)
+    check_ranges(cfg, RANGES)
     if cfg.views.ramp_end is not None and cfg.views.ramp_end < cfg.views.ramp_start:
         raise UserError(f"views.ramp_end ({cfg.views.ramp_end}) must be >= views.ramp_start "
                         f"({cfg.views.ramp_start}) or null")
-    if cfg.model.last_width is not None and cfg.model.last_width <= 0:
-        raise UserError(f"model.last_width must be a positive int or null, got {cfg.model.last_width}")
-    if cfg.train.budget_s is not None and cfg.train.budget_s <= 0:
-        raise UserError(f"train.budget_s must be > 0 or null, got {cfg.train.budget_s}")
-    neg = cfg.method.negatives
-    if isinstance(neg, str) and neg != "all" or isinstance(neg, int) and neg < 1:
-        raise UserError(f"method.negatives must be 'all' or an int >= 1, got {neg!r}")
+    if isinstance(cfg.method.negatives, str) and cfg.method.negatives != "all":
+        raise UserError(f"method.negatives must be 'all' or an int >= 1, got "
+                        f"{short(cfg.method.negatives)}")
+    _check_widths(cfg)
+
+
+MAX_WIDTH = 2**17  # a projector / predictor layer: DINO's 65536 prototypes fit, 10**30 does not
+
+
+def _check_widths(cfg: Config) -> None:
+    """Layer widths are sized from text: bound them before any tensor is allocated."""
+    from ssl_lab.models.projector import parse_projector_spec  # models import this module
+
+    for key, spec in (("model.projector", cfg.model.projector),
+                      ("method.predictor", cfg.method.predictor)):
+        widths = [layer.width for layer in parse_projector_spec(spec)]
+        if widths and max(widths) > MAX_WIDTH:
+            raise UserError(f"config key '{key}' has a layer of width {short(max(widths), 30)}; "
+                            f"widths must be <= {MAX_WIDTH}, got {short(spec)}")

@@ -24,12 +24,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ssl_lab.config_io import pop_options
 from ssl_lab.errors import UserError
-from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
+from ssl_lab.models.encoder import (
+    Encoder,
+    check_spec,
+    encoder_from_spec,
+    load_encoder,
+    read_spec,
+)
+from ssl_lab.rundir import check_usable
+from ssl_lab.runtime import os_user_error, path_kind, read_json, short_path
 
 EXPORT_JSON, WEIGHTS = "export.json", "encoder.safetensors"
 FORMAT = "ssl-lab-export"
@@ -114,8 +122,7 @@ def resolve_layer(run_dir: Path, layer: str, encoder: Encoder) -> tuple[str, str
     """(layer name, where it came from); `best` reads best_layer from summary.json/eval.json."""
     if layer == "best":
         for name in ("summary.json", "eval.json"):
-            path = run_dir / name
-            best = json.loads(path.read_text()).get("best_layer") if path.is_file() else None
+            best = _best_layer(run_dir / name)
             if best:
                 layer, source = best, f"best_layer of {name}"
                 break
@@ -128,6 +135,19 @@ def resolve_layer(run_dir: Path, layer: str, encoder: Encoder) -> tuple[str, str
     if layer not in encoder.feature_dims:
         raise UserError(f"unknown layer '{layer}'; valid layers: {', '.join(encoder.layer_names)}")
     return layer, source
+
+
+def _best_layer(path: Path) -> str | None:
+    """best_layer of a run's summary.json / eval.json (None when the file has none)."""
+    if not path.is_file():
+        return None
+    fix = f"run `ssl-lab eval {short_path(path.parent)}` to write it again, or pass layer=NAME"
+    report = read_json(path, path.name, fix)
+    best = report.get("best_layer") if isinstance(report, dict) else None
+    if best is not None and not isinstance(best, str):
+        raise UserError(f"{short_path(path)}: best_layer is {str(best)[:40]!r}, not a layer name: "
+                        f"the file is damaged; {fix}")
+    return best
 
 
 def export(run_dir: str | Path, layer: str = "best", out: str | Path | None = None, *,
@@ -154,6 +174,7 @@ def export(run_dir: str | Path, layer: str = "best", out: str | Path | None = No
 
 def _check_target(out: Path) -> None:
     """Never clobber something that is not a previous export."""
+    check_usable(out, "out")
     if out.exists() and not (out / EXPORT_JSON).is_file() and (
             not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an ssl-lab export; choose another out=")
@@ -161,13 +182,19 @@ def _check_target(out: Path) -> None:
 
 def _write_atomic(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"layer": meta["layer"]})
-    (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # serialised in memory, written with a plain write: a full disk is an OSError
+        (tmp / WEIGHTS).write_bytes(save(tensors, metadata={"layer": meta["layer"]}))
+        (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise os_user_error("cannot write the export", out, exc, "choose another out=") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing is left after the rename
 
 
 def load_exported(path: str | Path, backbone: nn.Module | None = None) -> ExportedEncoder:
@@ -176,17 +203,22 @@ def load_exported(path: str | Path, backbone: nn.Module | None = None) -> Export
 
     path = Path(path)
     folder = path.parent if path.name in (EXPORT_JSON, WEIGHTS) else path
-    if not (folder / EXPORT_JSON).is_file():
+    if path_kind(folder / EXPORT_JSON, "the export") != "file":
         raise UserError(f"{folder} is not an ssl-lab export (no {EXPORT_JSON}); make one with "
                         "`ssl-lab export RUN_DIR`")
-    meta = json.loads((folder / EXPORT_JSON).read_text())
-    if meta.get("format") != FORMAT:
+    meta = read_json(folder / EXPORT_JSON, EXPORT_JSON, "export the run again")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{folder / EXPORT_JSON} is not an ssl-lab export file")
+    encoder = encoder_from_spec(check_spec(meta.get("encoder"), folder / EXPORT_JSON),
+                                backbone=backbone)
+    layer = meta.get("layer")
+    if not isinstance(layer, str) or layer not in encoder.feature_dims:
+        raise UserError(f"{folder / EXPORT_JSON}: layer {str(layer)[:40]!r} is not a layer of its "
+                        "encoder: the file is damaged; export the run again")
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"cannot read {folder / WEIGHTS} ({exc}); export the run again") from None
-    encoder = encoder_from_spec(meta["encoder"], backbone=backbone)
     prune(encoder, set(tensors), meta["layer"])
     try:
         encoder.load_state_dict(tensors, strict=True)

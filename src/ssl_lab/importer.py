@@ -41,6 +41,8 @@ OPTIONS: dict[str, Any] = {"backbone": "resnet50", "in_chans": 3, "image_size": 
 NESTED = ("state_dict", "model", "model_state_dict")
 COMMON_PREFIXES = {"module", "backbone", "encoder", "model", "net"}
 ANCHOR = "layer1.0.conv1.weight"  # present in every torchvision ResNet
+# image_size bounds: the import's proof forward pass and eval's batches are sized from it
+MIN_SIZE, MAX_SIZE = 8, 1024
 
 
 # ----------------------------------------------------------------------------- reading
@@ -91,7 +93,7 @@ def choose_prefix(keys: list[str], given: str | None) -> str:
     if given is not None:
         given = given if not given or given.endswith(".") else given + "."
         if given not in found:
-            raise UserError(f"prefix={given!r} is not in front of {ANCHOR} in this file; "
+            raise UserError(f"prefix={_short(given)} is not in front of {ANCHOR} in this file; "
                             f"found: {found or 'none'}")
         return given
     if len(found) <= 1:
@@ -157,11 +159,15 @@ def import_resnet(src: str | Path, dest: str | Path, config_overrides: list[str]
         raise UserError(f"{dest} already exists; choose a new directory for the imported run")
     cfg = import_config(opts, list(config_overrides))
     spec = import_spec(cfg, opts, src)
-    encoder = encoder_from_spec(spec).eval()
     tensors = read_state_dict(src)
     prefix = choose_prefix(list(tensors), opts["prefix"])
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = match_backbone(own, encoder.backbone.state_dict(), src)
+    # shapes only (no memory): width=/last_width= are checked against the file before a
+    # network sized from them is allocated
+    with torch.device("meta"):
+        expected = encoder_from_spec(spec).backbone.state_dict()
+    state = match_backbone(own, expected, src)
+    encoder = encoder_from_spec(spec).eval()
     encoder.backbone.load_state_dict(state, strict=True)
     with torch.no_grad():  # a forward pass proves the run is usable before it is written
         encoder(torch.zeros(1, opts["in_chans"], opts["image_size"], opts["image_size"]))
@@ -174,20 +180,40 @@ def import_resnet(src: str | Path, dest: str | Path, config_overrides: list[str]
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise UserError(f"unknown import option '{unknown[0]}'; options: {', '.join(OPTIONS)} "
+        raise UserError(f"unknown import option {_short(unknown[0])}; options: {', '.join(OPTIONS)} "
                         "and dotted config keys such as data.name=cifar10")
     opts = OPTIONS | options
     from ssl_lab.models.resnet import ARCHS
 
-    if opts["backbone"] not in ARCHS:
+    if not isinstance(opts["backbone"], str) or opts["backbone"] not in ARCHS:
         raise UserError(f"import reads torchvision-layout ResNets: backbone must be one of "
-                        f"{', '.join(ARCHS)}, got {opts['backbone']!r}")
-    for key in ("in_chans", "image_size"):
-        if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1:
-            raise UserError(f"import option {key} must be a positive integer, got {opts[key]!r}")
+                        f"{', '.join(ARCHS)}, got {_short(opts['backbone'])}")
+    size = opts["image_size"]
+    if not _is_int(size) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"import option image_size={_short(size)} is out of range: use an "
+                        f"integer in [{MIN_SIZE}, {MAX_SIZE}], the size the weights were trained "
+                        "at (224 for ImageNet ResNets)")
+    if not _is_int(opts["in_chans"]) or opts["in_chans"] not in (1, 3):
+        raise UserError(f"import option in_chans={_short(opts['in_chans'])} is not supported: "
+                        "use 3 (RGB, as ImageNet ResNets) or 1 (grey)")
     if opts["prefix"] is not None:
         opts["prefix"] = str(opts["prefix"])
     return opts
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    """A user's value for a message, never unbounded."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _eval_batch(size: int) -> int:
+    """Feature-extraction batch for `size`-px inputs: activations grow with the pixels."""
+    return 512 if size < 128 else 64 if size <= 256 else 16
 
 
 def import_config(opts: dict[str, Any], overrides: list[str]) -> Config:
@@ -196,7 +222,7 @@ def import_config(opts: dict[str, Any], overrides: list[str]) -> Config:
              "stem": opts["stem"], "projector": "none"}
     tree: dict[str, Any] = {"model": model, "run": {"name": "imported"},
                             # 224-px ResNet-50 activations: 1024 images would need tens of GB
-                            "eval": {"batch_size": 64 if opts["image_size"] >= 128 else 512}}
+                            "eval": {"batch_size": _eval_batch(opts["image_size"])}}
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("model."):

@@ -8,6 +8,7 @@ Only the writing process (rank 0) opens files; other ranks keep the window for t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.rundir import RunDir
+from ssl_lab.runtime import os_user_error, short_path
 
 
 def nan_message(run_dir: Path, step: int, window: int, hint: str) -> str:
@@ -35,11 +37,16 @@ class MetricsLogger:
         self.write = write
         self._writer = None
         self._jsonl = None
+        self._path = run.metrics
         if write:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only where it writes
 
-            self._writer = SummaryWriter(str(run.tensorboard))
-            self._jsonl = open(run.metrics, "a")  # noqa: SIM115  (closed in close())
+            try:
+                self._writer = SummaryWriter(str(run.tensorboard))
+                self._jsonl = open(run.metrics, "a")  # noqa: SIM115  (closed in close())
+            except OSError as exc:
+                self.close()
+                raise os_user_error("cannot write", exc.filename or run.metrics, exc) from None
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit="step",
                         dynamic_ncols=True, disable=not write)
         self._loss_sum: torch.Tensor | float = 0.0
@@ -65,8 +72,13 @@ class MetricsLogger:
         """Append a record ({"step": ..., scalar: value, ...}) to every sink."""
         if not self.write:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as exc:  # a full disk: one line, and the checkpoints so far are intact
+            raise os_user_error("cannot write", self._path, exc,
+                                f"resume with run.dir={short_path(self._path.parent)} resume=true"
+                                ) from None
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._writer.add_scalar(key, value, global_step=record["step"])
@@ -79,11 +91,13 @@ class MetricsLogger:
             tqdm.write(text)
 
     def close(self) -> None:
-        self.bar.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._writer.close()
-            self._jsonl = self._writer = None
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        for sink in (self._jsonl, self._writer):
+            if sink is not None:
+                with contextlib.suppress(OSError):  # a full disk already reported its error
+                    sink.close()
+        self._jsonl = self._writer = None
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -27,7 +27,14 @@ import torch
 
 from ssl_lab.config_io import save_config
 from ssl_lab.errors import UserError
-from ssl_lab.runtime import env_info, precision_name, utc_stamp, write_text_atomic
+from ssl_lab.runtime import (
+    env_info,
+    os_user_error,
+    precision_name,
+    short_path,
+    utc_stamp,
+    write_text_atomic,
+)
 
 LOCK_NAME = ".lock"
 
@@ -85,8 +92,7 @@ class RunDir:
             raise UserError("resume=true needs run.dir=<the run directory to continue>")
         else:
             path = Path("runs") / f"{default_name}-{utc_stamp()}"
-        if path.exists() and not path.is_dir():
-            raise UserError(f"run.dir {path} is a file, not a directory; choose another run.dir")
+        check_usable(path)
         out = cls(path)
         if path.is_dir() and not resume and _holds_anything(path):
             raise UserError(f"run directory {path} already exists; pass resume=true to continue it "
@@ -97,14 +103,15 @@ class RunDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create run directory {self.path} ({exc.strerror or exc}); "
-                            "choose a writable run.dir") from None
+            raise os_user_error("cannot create run directory", self.path, exc,
+                                "choose another run.dir") from None
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return write_text_atomic(self.path / name, json.dumps(obj, indent=1))
+        """RUN/name, whole or not at all; an OS error (full disk...) is one line naming it."""
+        return _write(self.path / name, json.dumps(obj, indent=1))
 
     def write_env(self, device: Any, **extra: Any) -> Path:
-        return write_text_atomic(self.env, json.dumps(env_info(device) | extra, indent=1))
+        return _write(self.env, json.dumps(env_info(device) | extra, indent=1))
 
     @contextlib.contextmanager
     def take(self, resume: bool) -> Iterator[None]:
@@ -124,7 +131,10 @@ class RunDir:
         resolved precision."""
         # resume=false: the file describes the run, so reading it (eval on another dataset,
         # rcdm) never turns into a resume check against itself
-        save_config(dataclasses.replace(cfg, resume=False), self.config)
+        try:
+            save_config(dataclasses.replace(cfg, resume=False), self.config)
+        except OSError as exc:
+            raise os_user_error("cannot write", self.config, exc) from None
         self.write_json(spec_name, spec)
         self.write_env(device, precision=precision_name(amp_dtype), grad_scaler=grad_scaler,
                        resumed_at_step=step, **env)
@@ -142,6 +152,62 @@ class RunDir:
 
 def _holds_anything(path: Path) -> bool:
     return any(p.name != LOCK_NAME for p in path.iterdir())
+
+
+def _write(path: Path, text: str) -> Path:
+    try:
+        return write_text_atomic(path, text)
+    except OSError as exc:
+        raise os_user_error("cannot write", path, exc) from None
+
+
+# room left under PATH_MAX for what a run writes inside its directory
+# (checkpoints/.tmp-step-0000000-<pid>/weights.safetensors, evals/<dataset>.json...)
+_INSIDE = 160
+
+
+def check_usable(path: Path, key: str = "run.dir") -> None:
+    """Stop with one line when `path` cannot be a writable directory: it is a file, lies under
+    a file, has a name longer than the file system allows, or its nearest existing folder is
+    not writable (permissions, read-only mount). Only looks: nothing is created."""
+    shown = short_path(path)
+    existing = _nearest_existing(path, key)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # not reported by this file system: Linux's usual limits
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(f"{key} {shown}: the name {short_path(part, 40)!r} is "
+                            f"{len(os.fsencode(part))} bytes, longer than the file system allows "
+                            f"({name_max}); choose a shorter {key}")
+    if len(os.fsencode(os.path.abspath(path))) > path_max - _INSIDE:
+        raise UserError(f"{key} {shown} is too long a path for this file system (at most "
+                        f"{path_max - _INSIDE} bytes leave room for the run's files); choose a "
+                        f"shorter {key}")
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {short_path(existing)}, a file"
+        raise UserError(f"{key} {shown} {where}, not a directory; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK) or \
+            (existing == path and not os.access(path, os.R_OK)):
+        what = "is" if existing == path else f"would be created in {short_path(existing)}, which is"
+        raise UserError(f"{key} {shown} {what} not writable (permissions or a read-only file "
+                        f"system); choose a writable {key}")
+
+
+def _nearest_existing(path: Path, key: str) -> Path:
+    """`path` or its closest ancestor that exists (a file there is reported by the caller)."""
+    for candidate in (path, *path.absolute().parents):
+        try:
+            os.stat(candidate)
+            return candidate
+        except OSError as exc:
+            # missing, under a file, too long a name: climb (the caller names the cause)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                continue
+            raise os_user_error(f"cannot use {key}", path, exc, f"choose another {key}") from None
+    return Path("/")
 
 
 class RunLock:
@@ -167,11 +233,15 @@ class RunLock:
         stale = _read_holder(fd, default="")
         if stale:  # the file outlived its holder (kill -9, power loss): flock already let go
             sys.stderr.write(f"ssl-lab: taking over the stale lock of {stale} in {self.path.parent}\n")
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
-        os.fsync(fd)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+            os.fsync(fd)
+        except OSError as exc:  # a full disk: let go of the lock, say so in one line
+            self.release()
+            raise os_user_error("cannot write the lock file", self.path, exc) from None
 
     def _open_locked(self) -> int:
         try:

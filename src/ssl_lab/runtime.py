@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as dt
+import errno
+import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -92,12 +96,77 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def path_kind(path: str | Path, what: str) -> str | None:
+    """"dir", "file", "other" or None (missing, or under a file) for a path the user named.
+
+    Path.is_file() and friends raise on a name longer than the file system allows, a loop of
+    links or a folder that may not be entered: that is one line naming the path here."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise os_user_error(f"cannot use {what}", path, exc) from None
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
 def existing_run_dir(text: str, made_by: str) -> Path:
     """A run directory argument that must exist (`made_by`: the command that creates one)."""
     path = Path(text)
-    if not path.is_dir():
+    if path_kind(path, "run directory") != "dir":
         raise UserError(f"run directory {path} does not exist; pass one made by `{made_by}`")
     return path
+
+
+def short_path(path: str | Path, limit: int = 160) -> str:
+    """`path` for a message: long ones keep their start and end (a run.dir of 5,000 characters
+    must not make a 5,000-character error line)."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
+# what to do about an OS error, by errno: the one-line messages end with it
+_OS_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota exceeded)",
+             errno.EACCES: "choose a location you can write to",
+             errno.EPERM: "choose a location you can write to",
+             errno.EROFS: "choose a location on a writable file system",
+             errno.ENAMETOOLONG: "use a shorter name", errno.ENOTDIR: "a part of the path is a "
+             "file: choose another path", errno.EISDIR: "remove or rename that folder"}
+
+
+def os_error_text(exc: OSError) -> str:
+    """'No space left on device; free disk space': the cause of an OS error and its fix."""
+    cause = exc.strerror or str(exc).splitlines()[0][:120] or type(exc).__name__
+    fix = _OS_FIXES.get(exc.errno or 0)
+    return f"{cause}; {fix}" if fix else cause
+
+
+def os_user_error(what: str, path: str | Path, exc: OSError, then: str = "") -> UserError:
+    """An OS error while touching `path` as one line: what failed, where, why, what to do."""
+    tail = f"; {then}" if then else ""
+    return UserError(f"{what} {short_path(path)}: {os_error_text(exc)}{tail}")
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """The JSON file `path`; unreadable, empty or truncated is one line naming it and `fix`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:  # permissions, an I/O error: the fixes for writing do not apply
+        raise UserError(f"cannot read {what} {short_path(path)}: {exc.strerror or exc}; {fix}"
+                        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{short_path(path)} is not a text file (invalid UTF-8): the {what} is "
+                        f"damaged; {fix}") from None
+    if not text.strip():
+        raise UserError(f"{short_path(path)} is empty: the {what} is damaged; {fix}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too long numbers, deep nests
+        raise UserError(f"{short_path(path)} is not valid JSON ({str(exc)[:80]}): the {what} is "
+                        f"damaged or truncated; {fix}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

@@ -95,11 +95,16 @@ def train(cfg: Config, stop_at_step: int | None = None, *, backbone: torch.nn.Mo
     `stop_at_step` simulates a crash after that many steps (tests use it): no final checkpoint,
     no evaluation."""
     info = dist.init_from_env()
+    s = None
     try:
         s = build(cfg, info, backbone=backbone, data=data, allow_import=allow_import)
         with contextlib.ExitStack() as held:
             agreed(info, lambda: held.enter_context(s.run.take(s.cfg.resume)))
             return _train(s, stop_at_step, time.perf_counter())
+    except KeyboardInterrupt as exc:
+        if s is not None and s.run_dir.is_dir():
+            exc.run_dir = s.run_dir  # the CLI names it and the command that resumes it
+        raise
     finally:
         dist.cleanup()
 
@@ -250,6 +255,7 @@ def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,
                / max(train_time, 1e-9),
                "online_probes": online_acc}
     if s.cfg.eval.enabled:
+        print(eval_notice(s.cfg), flush=True)
         # data the caller brought is probed as given unless eval.data names another dataset
         data = s.given_data if not s.cfg.eval.data else None
         report = evaluate_run(s.run_dir, data=data, backbone=s.given_backbone)
@@ -259,6 +265,21 @@ def finish(s: Setup, step: int, train_time: float, stopped_by_budget: bool,
     s.run.write_json("summary.json", summary)
     print(f"summary: {s.run_dir / 'summary.json'}")
     return s.run_dir
+
+
+def eval_notice(cfg: Config) -> str:
+    """The line printed before an offline evaluation: what it computes, why it can take longer
+    than a tiny run's training, and how to make it cheaper."""
+    dataset = cfg.eval.data or cfg.data.name
+    share = "the whole labelled train split" if cfg.eval.train_fraction >= 1 else \
+        f"{cfg.eval.train_fraction:g} of the labelled train split"
+    spec = (cfg.eval.layers or "all").strip()
+    layers = "every layer" if spec.lower() in ("", "all") else f"layers {spec[:60]}"
+    baselines = ("; then the random-init encoder and raw-pixel baselines, computed once per "
+                 "dataset and architecture and cached") if cfg.eval.baselines else ""
+    return (f"evaluating: linear and kNN probes of {layers} on {share} of {dataset[:60]} "
+            f"(data.fraction limits SSL training only){baselines}. Cheaper: eval.train_fraction=0.1"
+            ", eval.layers=backbone, eval.baselines=false (or eval.enabled=false)")
 
 
 def summary_from_eval(report: dict) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ssl_lab import dist, runtime
-from ssl_lab.config import Config
+from ssl_lab.config import Config, validate
 from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import DatasetSplits, default_view_size, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
@@ -103,6 +103,66 @@ def check_labels(cfg: Config, data: DatasetSplits, method) -> None:
                         "eval.data=NAME (a labelled dataset, e.g. stl10) or eval.enabled=false")
 
 
+# ----------------------------------------------------------------------------- rules on data size
+
+
+def fit_batch(cfg: Config, n_train: int, world_size: int = 1, say: bool = True) -> Config:
+    """The config the run uses: a batch larger than the training set becomes the largest batch
+    the set fills (a multiple of the world size). The capped batch IS the run's batch: config.yaml
+    records it and the lr is scaled from it (optim.lr x batch / 256), with one note line."""
+    asked = cfg.optim.batch_size
+    if asked <= n_train:
+        return cfg
+    batch = n_train - n_train % world_size
+    if batch < max(2, world_size):
+        raise UserError(f"optim.batch_size={asked}: the {n_train} training images cannot make a "
+                        f"batch of 2 or more on each of {world_size} processes; use more data "
+                        "(data.fraction) or fewer processes")
+    used = replace(cfg, optim=replace(cfg.optim, batch_size=batch))
+    if say:
+        print(f"note: optim.batch_size={asked} is larger than the {n_train} training images: the "
+              f"run uses a batch of {batch} (recorded in config.yaml), and the lr is scaled from "
+              f"it: {cfg.optim.lr:g} x {batch}/256 = {scaled_lr(used.optim):.4g}")
+    return used
+
+
+def _steps(cfg: Config, n_train: int, info: dist.DistInfo):
+    """(config as run, global batch, per-rank batch, steps per epoch, total steps), after the
+    rules between the batch and the data's size."""
+    cfg = fit_batch(cfg, n_train, info.world_size, info.is_main)  # the lr follows the used batch
+    batch_size = cfg.optim.batch_size
+    check_negatives(cfg, batch_size)
+    per_rank = dist.per_rank_batch(batch_size, info.world_size)
+    steps_per_epoch = n_train // batch_size
+    total_steps = max(1, round(steps_per_epoch * cfg.train.epochs))  # epochs may be fractional
+    if info.is_main:
+        note_short_run(cfg, steps_per_epoch, total_steps)
+    return cfg, batch_size, per_rank, steps_per_epoch, total_steps
+
+
+def check_negatives(cfg: Config, batch_size: int) -> None:
+    """simclr's method.negatives=k draws k embeddings of OTHER images per anchor: the global
+    batch must hold that many (every view, multi-crop included, of the batch's other images)."""
+    k = cfg.method.negatives
+    if cfg.method.name != "simclr" or not isinstance(k, int):
+        return
+    views = cfg.views.n + cfg.views.small_n
+    available = views * (batch_size - 1)
+    if k > available:
+        raise UserError(f"method.negatives={k} is more than the {available} embeddings of other "
+                        f"images each anchor has ({views} views x (batch {batch_size} - 1)); "
+                        f"set method.negatives <= {available} or raise optim.batch_size")
+
+
+def note_short_run(cfg: Config, steps_per_epoch: int, total_steps: int) -> None:
+    """A warm-up as long as the run leaves no cosine decay: allowed (tiny test runs), but said."""
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if warmup >= total_steps > 1:
+        print(f"note: optim.warmup_epochs={cfg.optim.warmup_epochs} ({warmup} steps) covers the "
+              f"whole run ({total_steps} steps): the lr only warms up, with no cosine decay; "
+              "lower optim.warmup_epochs or raise train.epochs")
+
+
 # ----------------------------------------------------------------------------- the setup
 
 
@@ -156,6 +216,7 @@ def build(cfg: Config, info: dist.DistInfo | None = None, backbone: torch.nn.Mod
     """Everything a run needs, every input validated; writes nothing (see start). `backbone`
     (ssl_lab.models.from_module) and `data` (ssl_lab.data.from_arrays / from_dataset) replace
     model.backbone and data.name."""
+    validate(cfg)  # again: a Config built in Python has not been through load_config
     info = info or dist.DistInfo(0, 1, 0, pick_device())
     cfg, backbone = resolve_inputs(cfg, backbone, data, allow_import)
     given_data = data
@@ -173,11 +234,8 @@ def build(cfg: Config, info: dist.DistInfo | None = None, backbone: torch.nn.Mod
     views = ViewGenerator(get_recipe(cfg.views.recipe, size=size, **cfg.views.recipe_options()),
                           size, cfg.views.n)
     small_views = _small_view_generator(cfg, size, views.recipe.fast)
-    n_train = len(data.ssl_train)
-    batch_size = min(cfg.optim.batch_size, n_train)
-    per_rank = dist.per_rank_batch(batch_size, info.world_size)
-    steps_per_epoch = n_train // batch_size
-    total_steps = max(1, round(steps_per_epoch * cfg.train.epochs))  # epochs may be fractional
+    cfg, batch_size, per_rank, steps_per_epoch, total_steps = _steps(cfg, len(data.ssl_train),
+                                                                     info)
     resolution = _resolution_schedule(cfg, size, epochs_touched(total_steps, steps_per_epoch))
     num_classes = data.num_classes[0]
     mean, std = _normalisation(data, backbone)

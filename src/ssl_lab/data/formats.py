@@ -15,6 +15,7 @@ import numpy as np
 
 from ssl_lab.data.splits import UNLABELLED, Split
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import path_kind
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -115,12 +116,30 @@ def read_stl10_unlabelled(x_path: Path, hint: str) -> Split:
     return Split(x.transpose(0, 3, 2, 1), np.full(len(x), UNLABELLED, np.int64))
 
 
+# Probes allocate a layer with one output per class: a label of 2e9 in a user's file would ask
+# for a 64 GB linear layer. No real dataset comes near this (ImageNet-21k: 21,841 classes).
+MAX_CLASSES = 100_000
+
+
+def check_labels(labels: np.ndarray, where: str) -> None:
+    """Class indices must be integers in [0, MAX_CLASSES): one line naming `where` otherwise."""
+    if not len(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise UserError(f"{where}: label {low} is negative; labels must be class indices >= 0")
+    if high >= MAX_CLASSES:
+        raise UserError(f"{where}: label {high} is over the limit of {MAX_CLASSES:,} classes "
+                        "(the probes allocate one output per class); use class indices "
+                        "0, 1, 2, ...")
+
+
 NPZ_LAYOUTS = "keys x_train,y_train,x_test,y_test (optional x_val,y_val) or images,labels"
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz archive, never unpickling object arrays."""
-    if not path.is_file():
+    if path_kind(path, "npz file") != "file":
         raise UserError(f"npz file {path} not found: check the path in data.name=npz:PATH")
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -152,6 +171,7 @@ def npz_split(path: Path, x: np.ndarray, y: np.ndarray, key: str) -> Split:
                         "or (N,F)")
     if len(y) != len(x):
         raise UserError(f"{path}: {key} has {len(x)} images but {len(y)} labels")
-    if len(y) and y.min() < 0:
-        raise UserError(f"{path}: {key} labels must be >= 0 class indices")
+    if not len(x):
+        raise UserError(f"{path}: {key} has no images; every split needs at least one")
+    check_labels(y, f"{path}: {key}")
     return Split(np.ascontiguousarray(x), y.astype(np.int64))

@@ -38,6 +38,7 @@ import numpy as np
 
 from ssl_lab.data.splits import UNLABELLED, Loaded, Split, holdout
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import path_kind
 from ssl_lab.seeding import HOLDOUT_SEED
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -173,7 +174,7 @@ def _scan(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
-    if not root.is_dir():
+    if path_kind(root, "the imagefolder path") != "dir":
         raise UserError(f"imagefolder path {root} is not a folder: fix data.name=imagefolder:PATH")
     if not (root / "train").is_dir():
         return {"train": root}
@@ -201,6 +202,7 @@ def _list(arg: str | None) -> tuple[Path, dict[str, tuple[dict[str, list[Path]],
     """(resolved root, split -> (class folders, loose images)): names only, no file opened."""
     if not arg:
         raise UserError("imagefolder needs a path: data.name=imagefolder:PATH")
+    path_kind(Path(arg).expanduser(), "the imagefolder path")  # a name too long: one line
     root = Path(arg).expanduser().resolve()  # the cache key names the folder, not the spelling
     return root, {s: _scan(f) for s, f in _split_folders(root).items()}
 
@@ -304,7 +306,9 @@ def _from_cache(dest: Path) -> Loaded | None:
         return None
     try:
         loaded = open_store(dest).loaded()
-    except (UserError, OSError, KeyError):  # damaged: decode again
+    except (UserError, OSError) as e:  # damaged: decode again
+        _warn_once(f"ignoring the damaged imagefolder cache {dest} ({str(e)[:100]}); decoding "
+                   "the images again")
         shutil.rmtree(dest, ignore_errors=True)
         return None
     parts = [s for s in (loaded.train, loaded.val, loaded.test, loaded.unlabelled) if s is not None]

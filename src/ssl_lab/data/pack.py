@@ -11,6 +11,7 @@ opens as a store); re-packing a finished store is a no-op. Reading a store: data
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -33,7 +34,8 @@ from ssl_lab.data.sources import SOURCES, parse_name
 from ssl_lab.data.splits import Split, count_classes
 from ssl_lab.data.store import FORMAT, HEADER, VERSION, read_header
 from ssl_lab.errors import UserError
-from ssl_lab.runtime import pid_alive
+from ssl_lab.rundir import check_usable
+from ssl_lab.runtime import os_user_error, pid_alive
 
 SPLITS = ("train", "val", "test", "unlabelled")
 FITS = ("crop", "pad")
@@ -186,14 +188,23 @@ def pack(source: str, dest: str | Path, opts: PackOptions | None = None, progres
     kind, arg = parse_name(source)
     if kind == "packed":
         raise UserError(f"{source} is already a packed store: pack its original source")
-    if (dest / HEADER).is_file():
+    try:
+        done = (dest / HEADER).is_file()
+    except OSError as exc:  # a name too long, a loop of links...
+        raise os_user_error("cannot use DEST", dest, exc, "choose another DEST") from None
+    if done:
         _check_same(read_header(dest), source, opts, dest)
         return dest, False
+    check_usable(dest, "DEST")  # a file, under a file, too long, unwritable: before any reading
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest} exists and is not a packed store; choose a new DEST")
     start = time.perf_counter()
     plan = _plan(kind, arg, opts)  # reads (or indexes) the source: every input error is raised here
-    write_store(dest, plan, {"source": source.strip(), "split_key": kind}, opts, progress, start)
+    try:
+        write_store(dest, plan, {"source": source.strip(), "split_key": kind}, opts, progress,
+                    start)
+    except OSError as exc:  # write_store has removed its partial folder
+        raise os_user_error("cannot write the store", dest, exc, "nothing was kept") from None
     return dest, True
 
 
@@ -239,29 +250,53 @@ def write_items(dest: Path, splits: dict[str, tuple[np.ndarray, tuple[int, int, 
 
 def _write_split(tmp: Path, name: str, sp: _SplitPlan, opts: PackOptions, progress: bool
                  ) -> dict[str, Any]:
-    items = tqdm(ordered_map(sp.item, sp.count, opts.workers), total=sp.count, desc=f"pack {name}",
-                 unit="img", disable=not progress or not sp.count, leave=False)
     files = {"labels": f"{name}.labels.npy"}
     np.save(tmp / files["labels"], np.ascontiguousarray(sp.labels, dtype=np.int64))
-    if opts.encoding == "raw":
-        files["images"] = f"{name}.images.npy"
-        out = np.lib.format.open_memmap(tmp / files["images"], mode="w+", dtype=np.uint8,
-                                        shape=(sp.count, *sp.shape))
-        for i, img in enumerate(items):
-            out[i] = img
-        out.flush()
-        del out  # closes the map before the checksum reads the file
-    else:
-        files["images"], files["offsets"] = f"{name}.jpeg", f"{name}.offsets.npy"
-        offsets = np.zeros(sp.count + 1, np.int64)
-        with open(tmp / files["images"], "wb") as handle:
-            for i, blob in enumerate(items):
-                handle.write(blob)
-                offsets[i + 1] = offsets[i] + len(blob)
-        np.save(tmp / files["offsets"], offsets)
+    # closed on an error too: a bar left on the line would prefix the one-line error message
+    with tqdm(ordered_map(sp.item, sp.count, opts.workers), total=sp.count, desc=f"pack {name}",
+              unit="img", disable=not progress or not sp.count, leave=False) as items:
+        if opts.encoding == "raw":
+            files["images"] = f"{name}.images.npy"
+            _write_raw(tmp / files["images"], items, sp.count, sp.shape)
+        else:
+            files["images"], files["offsets"] = f"{name}.jpeg", f"{name}.offsets.npy"
+            offsets = np.zeros(sp.count + 1, np.int64)
+            with open(tmp / files["images"], "wb") as handle:
+                for i, blob in enumerate(items):
+                    handle.write(blob)
+                    offsets[i + 1] = offsets[i] + len(blob)
+            np.save(tmp / files["offsets"], offsets)
     return {"count": sp.count, "shape": [sp.count, *sp.shape],
             "files": {role: {"name": f, "bytes": (tmp / f).stat().st_size,
                              "sha256": sha256_file(tmp / f)} for role, f in files.items()}}
+
+
+def _write_raw(path: Path, items: Iterator[np.ndarray], count: int, shape: tuple[int, ...]
+               ) -> None:
+    """A uint8 (count, *shape) .npy written image by image with plain writes.
+
+    Not through a memory map: on a full disk a write to a mapped page that has no block behind
+    it kills the process with SIGBUS (no message, nothing cleaned up), where a plain write raises
+    OSError(ENOSPC). The space is reserved first, so a disk too small fails before any decoding.
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (count, *shape)}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        _reserve(handle, handle.tell() + count * int(np.prod(shape)))
+        for img in items:
+            handle.write(np.ascontiguousarray(np.broadcast_to(img, shape), np.uint8).tobytes())
+
+
+def _reserve(handle: Any, size: int) -> None:
+    """Allocate `size` bytes for the open file (ENOSPC now rather than hours into a pack); a file
+    system that cannot reserve (EOPNOTSUPP...) is simply written without."""
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
 
 
 def ordered_map(fn: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:

@@ -47,7 +47,7 @@ from ssl_lab.data.splits import (
     holdout,
     subset,
 )
-from ssl_lab.data.store import load_packed
+from ssl_lab.data.store import load_packed, read_header
 from ssl_lab.errors import UserError
 from ssl_lab.seeding import HOLDOUT_SEED, numpy_rng
 
@@ -288,8 +288,26 @@ VIEW_SIZES = {"fashion-mnist": 20}
 
 
 def default_view_size(name: str, image_size: int) -> int:
-    """The view size for `views.size=0` on dataset `name` (a SOURCES kind, maybe with ':ARG')."""
-    return VIEW_SIZES.get(name.split(":")[0].strip(), image_size)
+    """The view size for `views.size=0` on dataset `name` (a SOURCES kind, maybe with ':ARG').
+
+    A store packed at its source's own size (`packed:DEST`, no resolution=) follows its source
+    (the header records it), so that a run on the store is the run on the source; a store
+    resized at pack time has new images, viewed at their size like any other dataset."""
+    kind, _, arg = name.partition(":")
+    kind = kind.strip().lower()
+    if kind == "packed" and arg:
+        return _store_view_size(read_header(arg), image_size)
+    return VIEW_SIZES.get(kind, image_size)
+
+
+def _store_view_size(header: dict, image_size: int) -> int:
+    source, max_side = header.get("source"), header.get("max_side")
+    # max_side changed the pixels only where an image reached it
+    kept = header.get("resolution") is None and (
+        max_side is None or (isinstance(max_side, int) and image_size < max_side))
+    if not kept or not isinstance(source, str) or source.partition(":")[0] == "packed":
+        return image_size
+    return default_view_size(source, image_size)
 
 
 USAGE = {"shapes": "shapes[:n=20000,size=32,seed=0]", "stl10": "stl10[:labelled]",

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from ssl_lab.checkpoint import sha256_file
-from ssl_lab.data.splits import Loaded, Split
+from ssl_lab.data.formats import MAX_CLASSES
+from ssl_lab.data.splits import UNLABELLED, Loaded, Split
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import path_kind
 
 FORMAT, VERSION, HEADER = "ssl-lab-store", 1, "header.json"
 
@@ -39,7 +41,7 @@ FORMAT, VERSION, HEADER = "ssl-lab-store", 1, "header.json"
 def read_header(path: str | Path) -> dict[str, Any]:
     """The header of the store at `path`, checked (format, version); a clear error otherwise."""
     path = Path(path).expanduser()
-    if not (path / HEADER).is_file():
+    if path_kind(path / HEADER, "the store") != "file":
         partial = list(path.parent.glob(f".{path.name}.partial-*"))
         why = " (an unfinished pack is next to it: run `ssl-lab data pack` again)" if partial \
             else ""
@@ -52,9 +54,74 @@ def read_header(path: str | Path) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise UserError(f"{path / HEADER} is not an ssl-lab store header: pack the store again")
     if header.get("version") != VERSION:
-        raise UserError(f"{path} is store version {header.get('version')}, this ssl-lab reads "
-                        f"version {VERSION}: pack it again")
+        raise UserError(f"{path} is store version {str(header.get('version'))[:20]}, this ssl-lab "
+                        f"reads version {VERSION}: pack it again")
+    problem = _header_problem(header)
+    if problem:
+        raise UserError(f"{path / HEADER} is damaged ({problem}): pack the store again")
     return header
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _str_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# top-level header key -> its check; every key a reader or `describe` reads is here
+_HEADER_CHECKS = {
+    "source": lambda v: isinstance(v, str), "split_key": _str_or_none,
+    "encoding": lambda v: v in ("raw", "jpeg"), "fit": lambda v: isinstance(v, str),
+    "quality": lambda v: v is None or _is_int(v), "pack_s": lambda v: isinstance(v, (int, float)),
+    "created": lambda v: isinstance(v, str), "default_target": _str_or_none,
+    "image_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x, 1) for x in v),
+    "factor_names": lambda v: isinstance(v, list) and len(v) > 0 and all(
+        isinstance(x, str) for x in v),
+    "num_classes": lambda v: isinstance(v, list) and all(
+        _is_int(x) and x <= MAX_CLASSES for x in v),
+    "class_names": lambda v: v is None or (isinstance(v, list) and all(
+        x is None or (isinstance(x, list) and all(isinstance(n, str) for n in x)) for x in v)),
+    "splits": lambda v: isinstance(v, dict) and "train" in v,
+}
+
+
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed header (keys, types, files), or None."""
+    for key, ok in _HEADER_CHECKS.items():
+        if key not in header:
+            return f"no '{key}'"
+        if not ok(header[key]):
+            return f"'{key}' is {json.dumps(header[key])[:60]}"
+    if len(header["num_classes"]) != len(header["factor_names"]):
+        return "num_classes and factor_names differ in length"
+    for name, split in header["splits"].items():
+        problem = _split_problem(split, header)
+        if problem:
+            return f"split '{str(name)[:20]}': {problem}"
+    return None
+
+
+def _split_problem(split: Any, header: dict[str, Any]) -> str | None:
+    roles = {"labels", "images", "offsets"} if header["encoding"] == "jpeg" else {"labels", "images"}
+    if not isinstance(split, dict) or not _is_int(split.get("count")):
+        return "no image count"
+    shape = split.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(x) for x in shape)
+            and shape[0] == split["count"] and min(shape[1:]) >= 1):
+        return f"shape {json.dumps(shape)[:60]} is not [count, H, W, C]"
+    files = split.get("files")
+    if not isinstance(files, dict) or set(files) != roles:
+        return f"files must be {', '.join(sorted(roles))}"
+    for info in files.values():
+        if not (isinstance(info, dict) and _is_int(info.get("bytes"))
+                and isinstance(info.get("sha256"), str) and isinstance(info.get("name"), str)):
+            return "a file entry lacks name, bytes or sha256"
+        if Path(info["name"]).name != info["name"] or info["name"] in ("", ".", ".."):
+            # a name with a folder in it could point anywhere on the machine
+            return f"file name {info['name'][:60]!r} is not a plain file name"
+    return None
 
 
 def _check_file(path: Path, info: dict[str, Any]) -> Path:
@@ -73,12 +140,21 @@ def _load_npy(file: Path, mmap: bool = False) -> np.ndarray:
         raise UserError(f"{file} is not a plain .npy array ({e}): pack the store again") from None
 
 
-def _decode_jpeg(blob: np.ndarray | bytes, channels: int) -> np.ndarray:
+def _decode_jpeg(blob: np.ndarray | bytes, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """One stored JPEG as uint8 `shape` (H, W, C); a damaged one is a UserError naming `where`.
+    The size in its header is checked before any pixel is decoded (a damaged header could
+    claim 30000 x 30000)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(blob)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    return arr.reshape(*arr.shape[:2], channels)
+    height, width, channels = shape
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            if im.size != (width, height):
+                raise ValueError(f"{im.size[0]}x{im.size[1]}, the header says {width}x{height}")
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError too
+        raise UserError(f"{where} is damaged ({str(e)[:80]}): pack the store again") from None
+    return arr.reshape(height, width, channels)
 
 
 class _RawReader:
@@ -117,7 +193,12 @@ class _JpegReader:
         self.blobs = np.memmap(file, np.uint8, mode="r") if file.stat().st_size else \
             np.zeros(0, np.uint8)
         self.offsets = _load_npy(offsets)
-        self.shape = shape
+        self.shape, self.file = shape, file
+        ends = self.offsets
+        if ends.ndim != 1 or not np.issubdtype(ends.dtype, np.integer) or (len(ends) and (
+                ends[0] != 0 or ends[-1] != len(self.blobs) or np.any(np.diff(ends) < 0))):
+            raise UserError(f"store file {offsets} is damaged (offsets do not index "
+                            f"{file.name}): pack the store again")
 
     def release_pages(self) -> None:
         _release(self.blobs)
@@ -128,7 +209,7 @@ class _JpegReader:
     def read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *self.shape), np.uint8)
         for k, i in enumerate(rows):
-            out[k] = _decode_jpeg(self._blob(int(i)), self.shape[-1])
+            out[k] = _decode_jpeg(self._blob(int(i)), self.shape, f"image {i} of {self.file}")
         return out
 
     def fetch(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -139,8 +220,13 @@ class _JpegReader:
         mode = tv_io.ImageReadMode.GRAY if self.shape[-1] == 1 else tv_io.ImageReadMode.RGB
         blobs = [torch.from_numpy(self._blob(int(i))) for i in rows]
         where = device if device.type == "cuda" else "cpu"
-        decoded = tv_io.decode_jpeg(blobs, mode=mode, device=where)
-        return torch.stack(decoded).permute(0, 2, 3, 1).contiguous()
+        try:
+            decoded = torch.stack(tv_io.decode_jpeg(blobs, mode=mode, device=where))
+        except RuntimeError:  # a damaged JPEG or another size: PIL's path names the image
+            return torch.from_numpy(self.read(rows))
+        if tuple(decoded.shape[1:]) != (self.shape[2], *self.shape[:2]):
+            return torch.from_numpy(self.read(rows))
+        return decoded.permute(0, 2, 3, 1).contiguous()
 
 
 def _torchvision_io():
@@ -232,6 +318,10 @@ class Store:
         if len(labels) != info["count"] or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"store {self.path} is damaged: {split} labels do not match the "
                             "header; pack it again")
+        if not _labels_in_range(labels, split, self.header["num_classes"]):
+            raise UserError(f"store {self.path} is damaged: {split} labels are not class indices "
+                            f"below the header's num_classes {self.header['num_classes']}; pack "
+                            "it again")
         return labels.astype(np.int64, copy=False)
 
     def split(self, name: str) -> Split | None:
@@ -242,10 +332,27 @@ class Store:
     def loaded(self) -> Loaded:
         """What a source reader returns: the store's splits (lazy images), classes, factors."""
         h = self.header
-        return Loaded(train=self.split("train"), test=self.split("test"), val=self.split("val"),
+        # a store written by from_dataset without test_ds has no test split: an empty one
+        test = self.split("test") if "test" in h["splits"] else Split(
+            np.zeros((0, *h["image_shape"]), np.uint8),
+            np.zeros((0, *self.labels("train").shape[1:]), np.int64))
+        return Loaded(train=self.split("train"), test=test, val=self.split("val"),
                       factor_names=h["factor_names"], num_classes=h["num_classes"],
                       class_names=h["class_names"], default_target=h["default_target"],
                       split_key=h["split_key"], unlabelled=self.split("unlabelled"))
+
+
+def _labels_in_range(labels: np.ndarray, split: str, num_classes: list[int]) -> bool:
+    """Class indices below the header's class counts (probes size their layers from them);
+    the unlabelled split holds UNLABELLED only."""
+    if not len(labels):
+        return True
+    columns = labels.reshape(len(labels), -1)
+    if split == "unlabelled":
+        return bool(np.all(columns == UNLABELLED))
+    if columns.shape[1] != len(num_classes):
+        return False
+    return bool(np.all(columns >= 0) and np.all(columns < np.asarray(num_classes)))
 
 
 def open_store(path: str | Path) -> Store:

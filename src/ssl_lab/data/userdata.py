@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_lab.data.formats import MAX_CLASSES
 from ssl_lab.data.imagefolder import MAX_IMAGE_SIZE, PROGRESS_MIN, cache_root, fit_image, to_8bit
 from ssl_lab.data.splits import UNLABELLED, DatasetSplits, Split, carve_val
 from ssl_lab.errors import UserError
@@ -72,9 +74,10 @@ def _as_labels(y: Any, n: int, arg: str) -> np.ndarray:
         raise UserError(f"{arg} is {y.dtype} {y.shape}: need integer class indices of shape (N,)")
     if len(y) != n:
         raise UserError(f"{arg} has {len(y)} labels for {n} images: give one label per image")
-    if len(y) and (y.min() < 0 or y.max() >= 2**31):
-        raise UserError(f"{arg} has labels outside [0, 2**31): use class indices from 0 (and "
-                        "labels=None for unlabelled images)")
+    if len(y) and (y.min() < 0 or y.max() >= MAX_CLASSES):
+        # the probes allocate one output per class: a label of 2e9 would ask for 64 GB
+        raise UserError(f"{arg} has labels outside [0, {MAX_CLASSES:,}): use class indices from "
+                        "0 (and labels=None for unlabelled images)")
     return y.astype(np.int64)
 
 
@@ -164,9 +167,10 @@ def _item_label(label: Any, where: str) -> int | None:
         raise UserError(f"{where}: the label is {label!r:.60}; need an int class index (or None "
                         "for an unlabelled image)")
     value = int(arr.reshape(()))
-    if not 0 <= value < 2**31:
-        raise UserError(f"{where}: label {value} is outside [0, 2**31): class indices start at "
-                        "0; use None for an unlabelled image")
+    if not 0 <= value < MAX_CLASSES:
+        raise UserError(f"{where}: label {value} is outside [0, {MAX_CLASSES:,}): class indices "
+                        "start at 0 (the probes allocate one output per class); use None for an "
+                        "unlabelled image")
     return value
 
 
@@ -317,9 +321,18 @@ def _in_store(items: dict[str, tuple], dest: Path, meta: dict[str, Any], name: s
               workers: int) -> dict[str, Split]:
     """The splits written once into a raw packed store at `dest` (reused when complete) and
     read back as lazy memory-mapped rows."""
+    import shutil
+
     from ssl_lab.data import pack
     from ssl_lab.data.store import HEADER, open_store
 
+    if (dest / HEADER).is_file():
+        try:
+            open_store(dest).loaded()
+        except (UserError, OSError) as e:  # a damaged cache entry is written again, not fatal
+            print(f"ssl-lab: warning: ignoring the damaged image store {dest} ({str(e)[:100]}); "
+                  "writing it again", file=sys.stderr)
+            shutil.rmtree(dest, ignore_errors=True)
     if not (dest / HEADER).is_file():
         try:
             pack.write_items(dest, items, meta, {"source": f"from_dataset:{name}",

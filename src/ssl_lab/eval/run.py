@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -35,7 +36,15 @@ from ssl_lab.eval.features import FeatureDir, FeatureWriter, ImageRows, Rows, re
 from ssl_lab.eval.inputs import to_model_input
 from ssl_lab.eval.metrics import knn_classify, linear_probe
 from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
-from ssl_lab.runtime import autocast, pick_device, resolve_precision, write_text_atomic
+from ssl_lab.runtime import (
+    autocast,
+    os_error_text,
+    os_user_error,
+    pick_device,
+    resolve_precision,
+    short_path,
+    write_text_atomic,
+)
 from ssl_lab.seeding import numpy_rng
 
 __all__ = ["SPLITS", "dataset_tag", "eval_precision", "evaluate_run", "extract_features",
@@ -202,15 +211,44 @@ def _cache_dir() -> Path:
 
 
 def cached(kind: str, key: dict, compute) -> dict:
-    """Baselines keyed by everything they depend on (dataset, split seed, architecture...)."""
+    """Baselines keyed by everything they depend on (dataset, split seed, architecture...).
+
+    A cache is never fatal: a damaged entry is recomputed and an unwritable cache folder only
+    costs the recomputation next time (one warning line each); the run's results are written
+    either way."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = _cache_dir() / f"{kind}-{digest}.json"
     if path.is_file():
-        return json.loads(path.read_text())["result"]
+        found = _read_entry(path)
+        if found is not None:
+            return found
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"key": key, "result": result}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"key": key, "result": result}))
+    except OSError as exc:
+        _warn(f"cannot write the baseline cache {short_path(path.parent)} ({os_error_text(exc)}); "
+              "the baseline is recomputed next time (set SSL_LAB_CACHE to a writable folder)")
     return result
+
+
+def _read_entry(path: Path) -> dict | None:
+    """A cache entry's result, or None (with a warning) when it is damaged."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))["result"]
+        if isinstance(result, dict):
+            return result
+        why = "its result is not a mapping"
+    except (OSError, UnicodeDecodeError) as exc:
+        why = str(exc)[:80]
+    except (ValueError, RecursionError, KeyError, TypeError):
+        why = "not a complete cache entry (truncated?)"
+    _warn(f"ignoring the damaged baseline cache entry {short_path(path)} ({why}); recomputing it")
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"ssl-lab: warning: {message}", file=sys.stderr)
 
 
 # eval.* keys that cannot change a baseline's numbers: left out of the cache key
@@ -317,10 +355,17 @@ def _write_report(report: dict, run_dir: Path, cfg: Config) -> None:
     plot = run_dir / "plots" / ("probes.png" if same_data else f"probes-{tag}.png")
     report["plot"] = str(plot)
     text = json.dumps(report, indent=1)
-    (run_dir / "evals").mkdir(exist_ok=True)
-    write_text_atomic(run_dir / "evals" / f"{tag}.json", text)
-    write_text_atomic(run_dir / "eval.json", text)
-    plot_layer_probes(report, plot)
+    path = run_dir / "evals" / f"{tag}.json"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_text_atomic(path, text)
+        path = run_dir / "eval.json"
+        write_text_atomic(path, text)
+        path = plot
+        plot_layer_probes(report, plot)
+    except OSError as exc:
+        raise os_user_error("cannot write", path, exc, "the evaluation's results are lost; "
+                            f"run `ssl-lab eval {short_path(run_dir)}` again") from None
 
 
 def print_layer_table(report: dict, run_dir: Path) -> None:

@@ -8,11 +8,13 @@ saved config.yaml is the base, and a given key that differs from it is refused u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config_io import from_dict, load_typed, parse_override, read_yaml, set_dotted
+from ssl_lab.config import SEED, SHARE, STEPS, UNIT, Range, above, check_ranges, check_text, closed
+from ssl_lab.config_io import cut, from_dict, load_typed, parse_override, read_yaml, set_dotted, short
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
 
@@ -97,17 +99,20 @@ class InfusionConfig:
     score: ScoreSection = field(default_factory=ScoreSection)
 
 
+MAX_GRID = 100  # values in a σ grid: each one is a full Parzen pass over val
+
+
 def parse_floats(text: str | None, key: str) -> list[float] | None:
-    """"0.1,0.2" → [0.1, 0.2] (positive numbers); None stays None."""
+    """"0.1,0.2" → [0.1, 0.2] (finite positive numbers, at most MAX_GRID); None stays None."""
     if text is None:
         return None
     try:
         values = [float(v) for v in str(text).strip("[]").split(",")]
     except ValueError:
         values = []
-    if not values or not all(v > 0 for v in values):
-        raise UserError(f"config key '{key}' must be positive numbers separated by commas "
-                        f"(e.g. {key}=0.1,0.2), got {text!r}")
+    if not 0 < len(values) <= MAX_GRID or not all(0 < v < math.inf for v in values):
+        raise UserError(f"config key '{key}' must be 1 to {MAX_GRID} finite positive numbers "
+                        f"separated by commas (e.g. {key}=0.1,0.2), got {short(text)}")
     return values
 
 
@@ -120,47 +125,34 @@ def _list_as_text(text: str) -> str:
     return text
 
 
+BIG = 2**24
+MANY = closed(1, 10**7)  # images or samples to score
+# Every numeric key's allowed values (finite, and in this range); config_io.check_ranges.
+RANGES: dict[str, Range] = {
+    "seed": SEED, "data.fraction": SHARE,
+    "data.val_fraction": Range(0, 1, open_low=True, open_high=True, why="σ is chosen on val"),
+    "infusion.steps": closed(1, 1000), "infusion.alpha0": UNIT, "infusion.omega": UNIT,
+    "infusion.hidden": closed(1, 65536), "infusion.layers": closed(1, 64),
+    "infusion.var_scale": closed(0), "infusion.var_min": above(0),
+    "optim.lr": above(0), "optim.batch_size": closed(1, BIG),
+    "train.epochs": closed(1, 10**6), "train.budget_s": above(0),
+    "train.ckpt_every_steps": STEPS, "train.log_every_steps": STEPS,
+    "train.threads": closed(1, 4096), "train.monitor_n": closed(0, 10**7, "0 = off"),
+    "score.parzen_samples": MANY, "score.test_n": MANY, "score.val_n": MANY,
+    "score.bound_samples": closed(1, 10**4), "score.bound_n": MANY, "score.bound_val_n": MANY,
+    "score.batch": closed(1, BIG),
+}
+
+
 def validate(cfg: InfusionConfig) -> None:
-    positive = {"infusion.steps": cfg.infusion.steps, "infusion.hidden": cfg.infusion.hidden,
-                "infusion.layers": cfg.infusion.layers, "optim.lr": cfg.optim.lr,
-                "optim.batch_size": cfg.optim.batch_size, "train.epochs": cfg.train.epochs,
-                "train.ckpt_every_steps": cfg.train.ckpt_every_steps,
-                "train.log_every_steps": cfg.train.log_every_steps,
-                "infusion.var_min": cfg.infusion.var_min,
-                "score.parzen_samples": cfg.score.parzen_samples,
-                "score.bound_samples": cfg.score.bound_samples, "score.batch": cfg.score.batch,
-                "score.val_n": cfg.score.val_n, "score.bound_n": cfg.score.bound_n,
-                "score.bound_val_n": cfg.score.bound_val_n}
-    for key, value in positive.items():
-        if not value > 0:
-            raise UserError(f"config key '{key}' must be > 0, got {value!r}")
-    for key, value in {"infusion.alpha0": cfg.infusion.alpha0,
-                       "infusion.omega": cfg.infusion.omega}.items():
-        if not 0 <= value <= 1:
-            raise UserError(f"config key '{key}' must be in [0, 1], got {value!r}")
-    _check_optional(cfg)
+    """Choices, every numeric key's Range, and the score grids."""
+    check_text(cfg, ("run.dir", "data.name", "data.root", "score.sigmas", "score.bound_stds"))
+    check_ranges(cfg, RANGES)
     if cfg.infusion.operator not in ("mlp", "conv"):
-        raise UserError(f"infusion.operator must be mlp or conv, got {cfg.infusion.operator!r}")
+        raise UserError(f"infusion.operator must be mlp or conv, got {short(cfg.infusion.operator)}")
     inf.loss_weights(1, cfg.infusion.weighting)  # raises on a bad name
-    if not 0 < cfg.data.fraction <= 1:
-        raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be in (0, 1) (σ is chosen on val), "
-                        f"got {cfg.data.val_fraction}")
-
-
-def _check_optional(cfg: InfusionConfig) -> None:
-    t, sc = cfg.train, cfg.score
-    if t.budget_s is not None and t.budget_s <= 0:
-        raise UserError(f"train.budget_s must be > 0 or null, got {t.budget_s}")
-    if t.threads is not None and t.threads <= 0:
-        raise UserError(f"train.threads must be > 0 or null, got {t.threads}")
-    if t.monitor_n < 0:
-        raise UserError(f"train.monitor_n must be >= 0, got {t.monitor_n}")
-    if sc.test_n is not None and sc.test_n <= 0:
-        raise UserError(f"score.test_n must be > 0 or null, got {sc.test_n}")
-    sc.sigma_grid()
-    sc.bound_std_grid()
+    cfg.score.sigma_grid()
+    cfg.score.bound_std_grid()
 
 
 def load_infusion_config(path: str | Path | None = None,
@@ -174,19 +166,34 @@ def load_infusion_config(path: str | Path | None = None,
 def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> InfusionConfig:
     """A trained run's config, with `score.*` (and `data.root`) overrides for `score`."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not an infusion run (no config.yaml); pass a directory "
-                        "made by `ssl-lab infusion train`")
+    check_infusion_run(run_dir)
     bad = [o for o in overrides if not o.startswith(("score.", "data.root="))]
     if bad:
-        raise UserError(f"score takes only score.* (and data.root) overrides, got '{bad[0]}': "
-                        "the model's settings come from the run's config.yaml")
+        raise UserError(f"score takes only score.* (and data.root) overrides, got "
+                        f"'{cut(bad[0], 60)}': the model's settings come from the run's config.yaml")
     tree: dict[str, Any] = read_yaml(run_dir / "config.yaml")
+    try:
+        validate(from_dict(tree, InfusionConfig))  # the saved config alone: damage is named so
+    except UserError as exc:
+        raise UserError(f"{cut(run_dir / 'config.yaml')} is not a valid infusion config ({exc}); "
+                        "restore it or train again") from None
     for text in overrides:
         set_dotted(tree, *parse_override(_list_as_text(text)))
     cfg = from_dict(tree, InfusionConfig)
     validate(cfg)
     return cfg
+
+
+def check_infusion_run(run_dir: Path) -> None:
+    """`run_dir` must be a run of `ssl-lab infusion train` (config.yaml and shape.json); another
+    command's run is named as such."""
+    if (run_dir / "config.yaml").is_file() and (run_dir / "shape.json").is_file():
+        return
+    kind = ("it is an SSL run of `ssl-lab train`" if (run_dir / "encoder.json").is_file() else
+            "it is an RCDM run" if (run_dir / "rcdm.json").is_file() else
+            "no config.yaml and shape.json")
+    raise UserError(f"{cut(run_dir)} is not an infusion run ({kind}); pass a directory made by "
+                    "`ssl-lab infusion train`")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -200,9 +207,14 @@ class SampleArgs:
     chains: int = 8  # rows of chain.png: one chain each, z_0 … x̂
     seed: int = 0
     out: str | None = None  # default RUN/samples/n<n>-chains<chains>-seed<seed>
+    overwrite: bool = False  # write into an existing, non-empty output folder
+
+
+SAMPLE_RANGES: dict[str, Range] = {"n": closed(1, 10**4), "chains": closed(1, 1024), "seed": SEED}
 
 
 def parse_sample_args(overrides: list[str] | tuple[str, ...]) -> SampleArgs:
+    """`infusion sample` key=value arguments, typed and checked."""
     tree: dict[str, Any] = {}
     for text in overrides:
         set_dotted(tree, *parse_override(text))
@@ -212,10 +224,22 @@ def parse_sample_args(overrides: list[str] | tuple[str, ...]) -> SampleArgs:
 
 
 def check_sample_args(args: SampleArgs) -> None:
-    for key in ("n", "chains"):
-        if getattr(args, key) < 1:
-            raise UserError(f"{key} must be >= 1, got {getattr(args, key)}")
-    out = Path(args.out) if args.out is not None else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"out={out} already exists and is not an empty folder; choose a new "
-                        "out= (nothing is overwritten)")
+    """Every value is checked before anything is loaded; an explicit out= must be new unless
+    overwrite=true."""
+    check_text(args, ("out",), "{}")
+    check_ranges(args, SAMPLE_RANGES, "{}")
+    if args.out is not None and not args.overwrite:
+        _check_new_folder(Path(args.out))
+
+
+def sample_folder(run_dir: Path, args: SampleArgs) -> Path:
+    """Where `infusion sample` writes: out=, else RUN/samples/n<n>-chains<chains>-seed<seed>."""
+    if args.out is not None:
+        return Path(args.out)
+    return Path(run_dir) / "samples" / f"n{args.n}-chains{args.chains}-seed{args.seed}"
+
+
+def _check_new_folder(out: Path) -> None:
+    from ssl_lab.gen.rcdm_config import check_new_folder  # one rule for both sample commands
+
+    check_new_folder(out)

@@ -30,11 +30,21 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
-    from ssl_lab.gen.infusion_config import parse_sample_args
+    from ssl_lab.gen.infusion_config import (
+        check_infusion_run,
+        check_sample_args,
+        parse_sample_args,
+        sample_folder,
+    )
     from ssl_lab.gen.infusion_eval import sample_run
 
     args = parse_sample_args(ns.overrides)  # bad values stop here, before any loading
-    paths = sample_run(existing_run_dir(ns.run_dir, "ssl-lab infusion train"), args)
+    run_dir = existing_run_dir(ns.run_dir, "ssl-lab infusion train")
+    check_infusion_run(run_dir)
+    # the default folder too must be new (or overwrite=true): the run may have trained further
+    args.out = str(sample_folder(run_dir, args))
+    check_sample_args(args)
+    paths = sample_run(run_dir, args)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -63,7 +73,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="n=64 (samples) chains=8 (rows of chain.png) seed=0 out=NEW_DIR "
-                   "(default RUN/samples/n<n>-chains<chains>-seed<seed>)")
+                   "(default RUN/samples/n<n>-chains<chains>-seed<seed>) overwrite=true "
+                   "(replace an existing folder's files)")
     p.set_defaults(func=cmd_sample)
     p = inner.add_parser("score", help="Parzen LL and lower bound on test -> RUN/score.json")
     p.add_argument("run_dir")

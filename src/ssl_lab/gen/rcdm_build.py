@@ -15,6 +15,7 @@ from ssl_lab.config import Config
 from ssl_lab.config_io import from_dict, read_yaml
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
+from ssl_lab.eval.inputs import match_channels
 from ssl_lab.eval.run import extract_features
 from ssl_lab.gen import rcdm
 from ssl_lab.gen.rcdm_config import RCDMConfig, read_run_config
@@ -47,9 +48,23 @@ class Built:
 def check_encoder_dir(path: str) -> dict:
     """The encoder run's spec (encoder.json); a clear error when it is not an encoder run."""
     if not path or not Path(path).is_dir():
-        raise UserError(f"encoder run {path!r} does not exist; pass a directory made by "
-                        "`ssl-lab train` as ENCODER_RUN")
+        raise UserError(f"encoder run {str(path)[:60]!r} does not exist; pass a directory made "
+                        "by `ssl-lab train` or `ssl-lab import` as ENCODER_RUN")
+    if not (Path(path) / "config.yaml").is_file():
+        raise UserError(f"{path} is not an ssl-lab run directory (no config.yaml); pass a "
+                        "directory made by `ssl-lab train` or `ssl-lab import` as ENCODER_RUN")
     return read_spec(Path(path))
+
+
+def encoder_channels(images: np.ndarray, in_chans: int) -> np.ndarray:
+    """uint8 (N, H, W, C) with C matched to the encoder's input as evaluation matches it (grey
+    repeated to RGB, RGB to luminance): an RCDM generates, shows and scores images in its
+    encoder's input space, also for a 3-channel encoder (an imported ResNet) on grey data."""
+    arr = np.asarray(images)
+    if arr.shape[-1] == in_chans:
+        return arr
+    x = match_channels(torch.from_numpy(arr).permute(0, 3, 1, 2).float(), in_chans)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def make_encoder(cfg: RCDMConfig, enc_spec: dict, backbone: torch.nn.Module | None = None,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_lab.config import RunConfig
-from ssl_lab.config_io import from_dict, load_typed, parse_override, read_yaml, set_dotted
+from ssl_lab.config import SEED, SHARE, STEPS, UNIT, Range, RunConfig, above, check_ranges, check_text, closed
+from ssl_lab.config_io import cut, from_dict, load_typed, parse_override, read_yaml, set_dotted, short
 from ssl_lab.errors import UserError
 from ssl_lab.gen import rcdm
 
@@ -89,32 +89,39 @@ class RCDMConfig:
     score: RCDMScoreConfig = field(default_factory=RCDMScoreConfig)
 
 
+SIDE = closed(1, 1024)  # a U-Net canvas side in pixels
+BIG = 2**24
+ETA = closed(0, 1, "DDIM: 0 = deterministic, 1 = DDPM's noise; above 1 the update is undefined")
+# Every numeric key's allowed values (finite, and in this range); config_io.check_ranges.
+RANGES: dict[str, Range] = {
+    "seed": SEED, "data.fraction": SHARE,
+    "unet.size": SIDE, "unet.content": closed(0, 1024), "unet.layers_per_block": closed(1, 16),
+    "unet.norm_groups": closed(1, 1024),
+    "train.epochs": closed(1, 10**6), "train.batch_size": closed(1, BIG), "train.lr": above(0),
+    "train.weight_decay": closed(0), "train.warmup_steps": closed(0, 2**31 - 1),
+    "train.final_lr_frac": UNIT, "train.ema_decay": Range(0, 1, open_high=True),
+    "train.grad_clip": closed(0, why="0 = off"), "train.threads": closed(1, 4096),
+    "train.budget_s": above(0), "train.ckpt_every_steps": STEPS, "train.log_every_steps": STEPS,
+    "sample.k": closed(1, 1024), "sample.steps": closed(1, rcdm.NUM_TRAIN_TIMESTEPS),
+    "sample.eta": ETA, "sample.seed": SEED, "sample.batch_size": closed(1, BIG),
+    "score.n": closed(2, 10**6),
+}
+
+
 def validate(cfg: RCDMConfig) -> None:
-    t, s = cfg.train, cfg.sample
-    checks = [(t.epochs > 0, "train.epochs must be > 0"),
-              (t.batch_size > 0, "train.batch_size must be > 0"),
-              (t.lr > 0, "train.lr must be > 0"),
-              (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-              (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-              (t.ckpt_every_steps > 0, "train.ckpt_every_steps must be > 0"),
-              (t.log_every_steps > 0, "train.log_every_steps must be > 0"),
-              (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
-              (t.budget_s is None or t.budget_s > 0, "train.budget_s must be > 0 or null"),
-              (t.threads is None or t.threads > 0, "train.threads must be > 0 or null"),
-              (0 < cfg.data.fraction <= 1, "data.fraction must be in (0, 1]"),
-              (min(s.k, s.steps, s.batch_size) >= 1, "sample.k/steps/batch_size must be >= 1"),
-              (s.steps <= rcdm.NUM_TRAIN_TIMESTEPS, "sample.steps must be <= 1000"),
-              (s.eta >= 0, "sample.eta must be >= 0"),
-              (cfg.score.n >= 2, "score.n must be >= 2"),
-              (cfg.score.split in SPLITS, "score.split must be train, val or test"),
-              (cfg.unet.size > 0 and cfg.unet.content >= 0,
-               "unet.size must be > 0 and unet.content >= 0"),
-              (cfg.unet.layers_per_block >= 1, "unet.layers_per_block must be >= 1"),
-              (cfg.unet.norm_groups >= 1, "unet.norm_groups must be >= 1")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"{message} (check the rcdm config)")
-    rcdm.parse_channels(cfg.unet.channels)
+    """Choices, every numeric key's Range, and the U-Net's channel spec."""
+    check_text(cfg, ("encoder", "run.dir"))
+    check_ranges(cfg, RANGES)
+    if cfg.train.precision not in PRECISIONS:
+        raise UserError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}, "
+                        f"got {short(cfg.train.precision)}")
+    if cfg.score.split not in SPLITS:
+        raise UserError(f"config key 'score.split' must be train, val or test, got "
+                        f"{short(cfg.score.split)}")
+    channels = rcdm.parse_channels(cfg.unet.channels)
+    if len(channels) > 8 or max(channels) > 8192:  # sized from text: bounded before allocating
+        raise UserError(f"config key 'unet.channels' allows at most 8 levels of at most 8192 "
+                        f"channels, got {short(cfg.unet.channels)}")
 
 
 def load_train_config(encoder_run: str | None, overrides: list[str] | tuple[str, ...] = ()
@@ -152,11 +159,17 @@ def _check_same_encoder(encoder: str, overrides: list[str]) -> None:
 
 
 def read_run_config(run_dir: Path) -> RCDMConfig:
-    """The saved config of an RCDM run (for sample / score)."""
+    """The saved config of an RCDM run (for sample / score), checked as `rcdm train` checks it."""
     if not (run_dir / "rcdm.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not an RCDM run (no rcdm.json/config.yaml); pass a "
+        raise UserError(f"{cut(run_dir)} is not an RCDM run (no rcdm.json/config.yaml); pass a "
                         "directory made by `ssl-lab rcdm train`")
-    return from_dict(read_yaml(run_dir / "config.yaml"), RCDMConfig)
+    try:
+        cfg = from_dict(read_yaml(run_dir / "config.yaml"), RCDMConfig)
+        validate(cfg)
+    except UserError as exc:
+        raise UserError(f"{cut(run_dir / 'config.yaml')} is damaged ({exc}); restore it from a "
+                        "copy or train the RCDM again") from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------- sample / score
@@ -176,6 +189,7 @@ class SampleArgs:
     interp: int = 8  # points between the first two images' representations; 0 = none
     out: str | None = None  # default RUN/samples/<settings>
     batch_size: int | None = None
+    overwrite: bool = False  # write into an existing, non-empty output folder
 
 
 @dataclass
@@ -202,34 +216,55 @@ def parse_args(cls: type, overrides: list[str] | tuple[str, ...]) -> Any:
     return args
 
 
+# The arguments' ranges: those of the run's sample.* / score.* keys, and their own.
+ARG_RANGES: dict[str, Range] = {
+    "n": closed(1, 10**4), "k": RANGES["sample.k"], "steps": RANGES["sample.steps"],
+    "seed": SEED, "eta": ETA, "batch_size": RANGES["sample.batch_size"],
+    "interp": closed(0, 64, "0 = none, else >= 2 points"),
+}
+SCORE_RANGES = {**{k: v for k, v in ARG_RANGES.items() if k != "interp"},
+                "n": RANGES["score.n"], "grid_rows": closed(0, 64)}
+
+
 def check_args(args: SampleArgs | ScoreArgs) -> None:
     """Every value a user can give is checked here: nothing falls back to a default silently."""
-    at_least = {"k": 1, "steps": 1, "batch_size": 1, "n": 2 if isinstance(args, ScoreArgs) else 1}
-    for key, low in at_least.items():
-        value = getattr(args, key)
-        if value is not None and value < low:
-            raise UserError(f"{key} must be >= {low}, got {value}")
-    if args.steps is not None and args.steps > rcdm.NUM_TRAIN_TIMESTEPS:
-        raise UserError(f"steps must be <= {rcdm.NUM_TRAIN_TIMESTEPS}, got {args.steps}")
-    if args.eta is not None and args.eta < 0:
-        raise UserError(f"eta must be >= 0, got {args.eta}")
+    check_text(args, ("images", "out"), "{}")
+    check_ranges(args, SCORE_RANGES if isinstance(args, ScoreArgs) else ARG_RANGES, "{}")
     if args.split is not None and args.split not in SPLITS:
-        raise UserError(f"split must be train, val or test, got {args.split!r}")
+        raise UserError(f"split must be train, val or test, got {short(args.split)}")
     if isinstance(args, ScoreArgs):
-        if args.grid_rows < 0:
-            raise UserError(f"grid_rows must be >= 0, got {args.grid_rows}")
         return
-    if args.interp < 0 or args.interp == 1:
-        raise UserError(f"interp must be 0 (none) or >= 2 points, got {args.interp}")
+    if args.interp == 1:
+        raise UserError("interp must be 0 (none) or >= 2 points, got 1")
     if args.images is not None and (args.split is not None or args.n is not None):
         raise UserError("images= and split=/n= exclude each other: sample given images, or n "
                         "held-out images of a split")
-    if args.out is not None:
+    if args.images is not None and not args.images.strip(" ,"):
+        raise UserError("images= is empty; pass image paths separated by commas, a directory, "
+                        "or a .npy")
+    if args.out is not None and not args.overwrite:
         check_new_folder(Path(args.out))
 
 
+def sample_folder(run_dir: Path, args: SampleArgs, sample: RCDMSampleConfig) -> Path:
+    """Where `rcdm sample` writes: out=, else RUN/samples/<what>-k<k>-steps<steps>-seed<seed>
+    (<what>: images, or <split>-n<n>) with the run's sample.* for what was not given."""
+    if args.out is not None:
+        return Path(args.out)
+    what = "images" if args.images else f"{args.split or 'test'}-n{args.n or 8}"
+    k = sample.k if args.k is None else args.k
+    steps = sample.steps if args.steps is None else args.steps
+    seed = sample.seed if args.seed is None else args.seed
+    return Path(run_dir) / "samples" / f"{what}-k{k}-steps{steps}-seed{seed}"
+
+
 def check_new_folder(out: Path) -> None:
-    """An explicit out= must not overwrite anything."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"out={out} already exists and is not an empty folder; choose a new "
-                        "out= (nothing is overwritten)")
+    """An output folder must be new (or empty) unless overwrite=true is given."""
+    try:
+        used = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError as exc:  # a name too long, a folder that cannot be listed
+        raise UserError(f"out={cut(out)} cannot be used ({exc.strerror or exc}); choose another "
+                        "out=") from None
+    if used:
+        raise UserError(f"out={cut(out)} already exists and is not an empty folder; choose a new "
+                        "out=, or give overwrite=true to replace its files")

@@ -12,7 +12,7 @@ import torch
 
 from ssl_lab.errors import UserError
 from ssl_lab.gen import rcdm
-from ssl_lab.gen.rcdm_build import Built, encoder_data, features, load_run
+from ssl_lab.gen.rcdm_build import Built, encoder_channels, encoder_data, features, load_run
 from ssl_lab.gen.rcdm_config import SampleArgs, check_args
 from ssl_lab.models.encoder import read_spec
 from ssl_lab.seeding import SELECT_SEED
@@ -30,8 +30,11 @@ def select_indices(n_total: int, n: int) -> np.ndarray:
 def held_out(built: Built, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n images of a split of the encoder's dataset (`select_indices`) and their indices."""
     images = getattr(encoder_data(built.cfg), split).images
+    if len(images) == 0:
+        raise UserError(f"the {split} split of {built.spec['dataset']} is empty; choose another "
+                        "split= or pass images=")
     idx = select_indices(len(images), n)
-    return images[idx], idx
+    return encoder_channels(images[idx], built.spec["in_channels"]), idx
 
 
 def render(built: Built, images: np.ndarray) -> np.ndarray:
@@ -74,13 +77,13 @@ def load_images(spec: str, in_chans: int, size: int) -> np.ndarray:
     (N, H, W[, C]); returned as uint8 (N, size, size, in_chans) for the encoder."""
     paths = [Path(p) for p in spec.split(",") if p]
     if len(paths) == 1 and paths[0].suffix == ".npy":
-        return _load_npy(paths[0])
+        return encoder_channels(_load_npy(paths[0]), in_chans)
     if len(paths) == 1 and paths[0].is_dir():
         paths = sorted(p for p in paths[0].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
-        raise UserError(f"images={spec!r}: no such image file(s) {missing[:3]}; pass image paths "
-                        "separated by commas, a directory, or a .npy")
+        raise UserError(f"images={spec[:60]!r}: no such image file(s) {missing[:3]}; pass image "
+                        "paths separated by commas, a directory, or a .npy")
     return np.stack([_load_image(p, in_chans, size) for p in paths])
 
 
@@ -88,10 +91,11 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path} ({exc}); pass a uint8 .npy") from None
-    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
-        raise UserError(f"{path} must hold uint8 images (N, H, W[, C]), got {arr.dtype} "
-                        f"{arr.shape}")
+        raise UserError(f"cannot read {path} ({str(exc)[:80]}); pass a uint8 .npy") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or 0 in arr.shape or \
+            (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+        raise UserError(f"{path} must hold at least one uint8 image (N, H, W[, C]) with C 1 or "
+                        f"3, got {arr.dtype} {arr.shape}")
     return arr if arr.ndim == 4 else arr[..., None]
 
 
@@ -118,7 +122,8 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
 def sample_command(run_dir: Path, args: SampleArgs) -> dict[str, Path]:
     """`rcdm sample`: grid.png, samples.npz and (interp >= 2) interp.png; returns their paths.
     The default folder RUN/samples/<settings>/ is rewritten by the same command; an explicit
-    `out=` must be new (checked with the arguments)."""
+    `out=` must be new (checked with the arguments). The CLI (rcdm_run) always passes `out=`:
+    the default folder too must be new there, unless overwrite=true."""
     check_args(args)  # before loading anything (also for a SampleArgs built in Python)
     built = load_run(run_dir)
     s = built.cfg.sample

@@ -31,6 +31,7 @@ from ssl_lab.gen.rcdm_build import (
     FEATURE_BATCH,
     Built,
     check_encoder_dir,
+    encoder_channels,
     encoder_data,
     make_encoder,
     make_model,
@@ -118,13 +119,22 @@ def _check_saved_spec(run: RunDir, spec: dict) -> None:
                             "run.dir")
 
 
-def build(plan: Plan, data: DatasetSplits | None = None) -> Setup:
-    """Data, model and features (the encoder is frozen: h(x) is computed once)."""
-    cfg, device = plan.cfg, plan.device
+def training_data(plan: Plan, data: DatasetSplits | None = None) -> DatasetSplits:
+    """The encoder run's data (or `data`), checked before the run directory is made."""
+    cfg = plan.cfg
     data = encoder_data(cfg, cfg.data.fraction, data)
     if len(data.train.images) == 0:
         raise UserError(f"data.fraction={cfg.data.fraction} leaves no training image of "
                         f"{plan.spec['dataset']}; raise data.fraction")
+    if len(data.test.images) == 0 and cfg.train.preview:
+        raise UserError(f"{plan.spec['dataset']} has no test images for the preview; set "
+                        "train.preview=false")
+    return data
+
+
+def build(plan: Plan, data: DatasetSplits) -> Setup:
+    """Model and features of the checked `data` (the encoder is frozen: h(x) is computed once)."""
+    cfg, device = plan.cfg, plan.device
     torch.manual_seed(cfg.seed)
     model = make_model(plan.spec).to(device)
     feats = extract_features(plan.encoder, data.train.images, [cfg.layer], FEATURE_BATCH, device,
@@ -135,7 +145,8 @@ def build(plan: Plan, data: DatasetSplits | None = None) -> Setup:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
-    images = torch.from_numpy(np.asarray(data.train.images)).to(device)
+    images = torch.from_numpy(encoder_channels(data.train.images, plan.spec["in_channels"]))
+    images = images.to(device)
     t = cfg.train
     batch_size = min(t.batch_size, len(images))
     total = len(images) // batch_size * t.epochs
@@ -193,18 +204,27 @@ def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None, *,
     simulates a crash after that many steps (tests use it): no final checkpoint, no summary."""
     wall_start = time.perf_counter()
     plan = plan_run(cfg, backbone, allow_import)
-    with plan.run.take(cfg.resume):
-        s = build(plan, data)
-        out = Outcome(0, 0.0)
-        if cfg.resume:
-            out.step, out.train_time, _ = ckpt_io.restore_training(plan.run.path, s.modules(),
-                                                                   s.stateful())
-        plan.run.write_start(cfg, "rcdm.json", plan.spec, plan.device, plan.amp_dtype,
-                             s.scaler.is_enabled(), out.step)
-        out = run_loop(plan.run, RCDMTrainer(s), s.cadence, cfg.seed, plan.device, out, "rcdm",
-                       stop_at_step)
-        if not out.interrupted:
-            finish(s, out, wall_start)
+    data = training_data(plan, data)  # every input checked: only now is the directory made
+    created = not plan.run.path.exists()
+    try:
+        with plan.run.take(cfg.resume):
+            s = build(plan, data)
+            out = Outcome(0, 0.0)
+            if cfg.resume:
+                out.step, out.train_time, _ = ckpt_io.restore_training(
+                    plan.run.path, s.modules(), s.stateful())
+            plan.run.write_start(cfg, "rcdm.json", plan.spec, plan.device, plan.amp_dtype,
+                                 s.scaler.is_enabled(), out.step)
+            out = run_loop(plan.run, RCDMTrainer(s), s.cadence, cfg.seed, plan.device, out,
+                           "rcdm", stop_at_step)
+            if not out.interrupted:
+                finish(s, out, wall_start)
+    except BaseException as exc:
+        if created and plan.run.path.is_dir() and not any(plan.run.path.iterdir()):
+            plan.run.path.rmdir()  # failed before anything was written: leave no directory
+        elif isinstance(exc, KeyboardInterrupt):
+            exc.run_dir = plan.run.path  # the CLI names it and the resume command
+        raise
     return plan.run.path
 
 
@@ -222,7 +242,8 @@ def finish(s: Setup, out: Outcome, wall_start: float) -> None:
                "threads": torch.get_num_threads()}
     if cfg.train.preview:
         built = Built(cfg, plan.spec, plan.encoder, s.ema, plan.device, plan.amp_dtype)
-        test = s.test_images[select_indices(len(s.test_images), PREVIEW_IMAGES)]
+        test = encoder_channels(s.test_images[select_indices(len(s.test_images), PREVIEW_IMAGES)],
+                                plan.spec["in_channels"])
         result = sample_images(built, test, cfg.sample.k, cfg.sample.steps, cfg.sample.seed,
                                cfg.sample.eta, cfg.sample.batch_size)
         summary["preview"] = str(save_sample_grid(result, plan.run.plots / "preview.png"))

@@ -11,16 +11,20 @@ caller opts in (`allow_import=True`, or `--allow-import` on the command line).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.config import ModelConfig
+from ssl_lab.config_io import from_dict
 from ssl_lab.errors import UserError
 from ssl_lab.models import Projector, build_backbone
+from ssl_lab.runtime import path_kind, read_json, short_path
 
 
 class Encoder(nn.Module):
@@ -111,11 +115,62 @@ def given_backbone(name: str, backbone: nn.Module | None, allow_import: bool,
 
 
 def read_spec(run_dir: Path) -> dict:
+    """A run's encoder.json, checked (see `check_spec`): a damaged file is one line naming it."""
     path = Path(run_dir) / "encoder.json"
-    if not path.is_file():
+    if path_kind(path, "the run directory") != "file":
         raise UserError(f"{run_dir} is not an ssl-lab run directory (no encoder.json); pass the "
                         "directory that `ssl-lab train` created")
-    return json.loads(path.read_text())
+    return check_spec(read_json(path, "encoder.json", "restore it from a copy or train the run "
+                                "again"), path)
+
+
+# key -> what it must be, for the message; the checks are in check_spec
+SPEC_KEYS = {"model": "a mapping of model.* keys", "in_chans": "an integer in 1..1024",
+             "image_size": "an integer in 1..4096", "mean": "a list of in_chans numbers",
+             "std": "a list of in_chans positive numbers", "dataset": "a dataset name",
+             "backbone": "null or a mapping (a wrapped module's record)"}
+
+
+def check_spec(spec: Any, path: Path) -> dict:
+    """An encoder spec (encoder.json, or an export's copy of it) with every key the rebuild
+    reads, of the right type: one line naming the file and the key otherwise."""
+    fix = "restore it from a copy or train the run again"
+    if not isinstance(spec, dict):
+        raise UserError(f"{short_path(path)} holds {type(spec).__name__}, not an encoder spec "
+                        f"(a JSON object); {fix}")
+    missing = [k for k in SPEC_KEYS if k not in spec and k != "backbone"]  # backbone: optional
+    if missing:
+        raise UserError(f"{short_path(path)} has no '{missing[0]}' ({SPEC_KEYS[missing[0]]}): the "
+                        f"file is damaged; {fix}")
+    chans, mean, std = spec["in_chans"], spec["mean"], spec["std"]
+    checks = {"in_chans": _int_in(chans, 1, 1024), "image_size": _int_in(spec["image_size"], 1, 4096),
+              "mean": _numbers(mean, chans), "std": _numbers(std, chans) and all(v > 0 for v in std),
+              "dataset": isinstance(spec["dataset"], str),
+              "backbone": isinstance(spec.get("backbone"), (dict, type(None)))}
+    bad = next((k for k, ok in checks.items() if not ok), None)
+    if bad:
+        raise UserError(f"{short_path(path)}: '{bad}' is {_short(spec[bad])}, need "
+                        f"{SPEC_KEYS[bad]}: the file is damaged; {fix}")
+    try:
+        from_dict(spec["model"], ModelConfig, "model.")
+    except UserError as exc:
+        raise UserError(f"{short_path(path)} is damaged ({exc}); {fix}") from None
+    return spec
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _numbers(values: Any, n: Any) -> bool:
+    return isinstance(values, list) and len(values) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def encoder_from_spec(spec: dict, seed: int = 0, backbone: nn.Module | None = None,
@@ -123,7 +178,7 @@ def encoder_from_spec(spec: dict, seed: int = 0, backbone: nn.Module | None = No
     """The encoder `spec` (encoder.json) describes, freshly initialised from `seed`; a wrapped
     module's run needs its `backbone` (its weights are then re-initialised only by a checkpoint
     load, so pass a fresh module for a random-init encoder)."""
-    model_cfg = ModelConfig(**spec["model"])
+    model_cfg = from_dict(spec["model"], ModelConfig, "model.")
     backbone = given_backbone(model_cfg.backbone, backbone, allow_import, spec.get("backbone"))
     torch.manual_seed(seed)
     return Encoder(model_cfg, spec["in_chans"], spec["image_size"], spec["mean"], spec["std"],

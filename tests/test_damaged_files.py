@@ -1,0 +1,380 @@
+"""Files a user or a crash can damage, and OS errors: each ends with one line naming the file (or
+path) and the cause, exit 2, nothing new written; caches are recomputed, never fatal.
+
+One tiny run and one tiny store are made per module; each case damages its own copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_run_overrides
+from PIL import Image
+
+from ssl_lab import checkpoint as ckpt_io
+from ssl_lab.cli import main
+from ssl_lab.data import pack as pack_mod
+from ssl_lab.errors import UserError
+from ssl_lab.export import load_exported
+
+RUN, STORE = "run", "store"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny trained run (evaluated: summary.json, eval.json, baseline cache) and a packed store."""
+    root = tmp_path_factory.mktemp("made")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSL_LAB_CACHE", str(root / "cache"))
+        assert main(["train", *tiny_run_overrides(root / RUN, **{"train.epochs": 1})]) == 0
+        rng = np.random.default_rng(0)
+        np.savez(root / "small.npz", images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+                 labels=rng.integers(0, 3, 40))
+        assert main(["data", "pack", f"npz:{root / 'small.npz'}", str(root / STORE)]) == 0
+    return root
+
+
+def _json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _copy(made: Path, d: Path, name: str) -> Path:
+    shutil.copytree(made / name, d / name)
+    return d / name
+
+
+def _bomb_png(path: Path, side: int = 30000) -> None:
+    """An 8x8 PNG whose header (CRC fixed) claims side x side pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _pickled_state(made: Path, d: Path) -> None:
+    """A checkpoint whose state.pt (checksums updated) holds an arbitrary pickled object."""
+    ckpt = ckpt_io.find_checkpoint(_copy(made, d, RUN))
+    torch.save({"step": 1, "x": _namespace()}, ckpt / ckpt_io.STATE)
+    _json(ckpt / ckpt_io.META, lambda m: m["files"].update({ckpt_io.STATE: {
+        "bytes": (ckpt / ckpt_io.STATE).stat().st_size,
+        "sha256": ckpt_io.sha256_file(ckpt / ckpt_io.STATE)}}))
+
+
+def _namespace():
+    import argparse
+
+    return argparse.Namespace(a=1)
+
+
+def _folder_with_bomb(d: Path) -> None:
+    for c in ("a", "b"):
+        (d / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (12, 12), 40 * i).save(d / "imgs" / c / f"{i}.png")
+    _bomb_png(d / "imgs" / "a" / "bomb.png")
+
+
+def _npz(d: Path, name: str, **arrays) -> None:
+    np.savez(d / name, **arrays)
+
+
+_X = np.zeros((12, 8, 8), np.uint8)
+_Y = np.arange(12) % 2
+
+
+def _read_only(made: Path, d: Path, mp: pytest.MonkeyPatch) -> None:
+    """A folder the process may not write to (root ignores chmod: os.access is what is read)."""
+    (d / "ro").mkdir()
+    os.chmod(d / "ro", 0o555)
+    real = os.access
+    mp.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == d / "ro" and mode & os.W_OK
+               else real(p, mode, **kw))
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# under 4096 characters (the config's own bound) but over PATH_MAX less room for the run's files
+_LONG = "/".join(["y" * 200] * 19 + ["z" * 150])
+
+
+# name -> (class, setup(made, d, monkeypatch), arguments ({d}: the case folder), fragment)
+CASES = {
+    # 1. run.dir
+    "run.dir is a file": ("rundir", lambda m, d, mp: (d / "f").write_text("x"),
+                          ["train", "data.name=digits", "run.dir={d}/f"], "is a file"),
+    "run.dir under a file": ("rundir", lambda m, d, mp: (d / "f").write_text("x"),
+                             ["train", "data.name=digits", "run.dir={d}/f/sub/run"], "lies under"),
+    "run.dir name too long": ("rundir", lambda m, d, mp: None,
+                              ["train", "data.name=digits", "run.dir={d}/" + "x" * 300],
+                              "longer than the file system allows"),
+    "run.dir path too long": ("rundir", lambda m, d, mp: None,
+                              ["train", "data.name=digits", "run.dir={d}/" + _LONG],
+                              "too long a path"),
+    "run.dir read-only": ("rundir", _read_only, ["train", "data.name=digits", "run.dir={d}/ro/run"],
+                          "not writable"),
+    # 2. damaged run files and store headers
+    "empty encoder.json": ("run files", lambda m, d, mp: (_copy(m, d, RUN) / "encoder.json")
+                           .write_text(""), ["eval", "{d}/run"], "encoder.json is empty"),
+    "encoder.json not JSON": ("run files", lambda m, d, mp: (_copy(m, d, RUN) / "encoder.json")
+                              .write_text('{"model": {'), ["export", "{d}/run"], "encoder.json"),
+    "encoder.json missing a key": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, RUN) / "encoder.json", lambda s: s.pop("in_chans")), ["eval", "{d}/run"],
+        "'in_chans'"),
+    "encoder.json wrong type": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, RUN) / "encoder.json", lambda s: s.update(image_size="big")),
+        ["export", "{d}/run"], "'image_size'"),
+    "encoder.json bad model key": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, RUN) / "encoder.json", lambda s: s["model"].update(widht=1)),
+        ["eval", "{d}/run"], "model.widht"),
+    "truncated summary.json": ("run files", lambda m, d, mp: (_copy(m, d, RUN) / "summary.json")
+                               .write_text('{"best_layer": "ba'), ["export", "{d}/run"],
+                               "summary.json"),
+    "invalid eval.json": ("run files", lambda m, d, mp: [
+        (_copy(m, d, RUN) / "summary.json").unlink(), (d / RUN / "eval.json").write_text("[1,")],
+        ["export", "{d}/run", "layer=best"], "eval.json"),
+    "store header missing keys": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, STORE) / "header.json", lambda h: h.pop("splits")),
+        ["train", "data.name=packed:{d}/store"], "header.json"),
+    "store header wrong types": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, STORE) / "header.json", lambda h: h.update(num_classes="3")),
+        ["data", "info", "{d}/store"], "header.json"),
+    "store file name with a folder": ("run files", lambda m, d, mp: _json(
+        _copy(m, d, STORE) / "header.json",
+        lambda h: h["splits"]["train"]["files"]["labels"].update(name="../../x.npy")),
+        ["data", "info", "{d}/store"], "header.json"),
+    # 3. allocations sized from input
+    "npz label of 2e9": ("sizes", lambda m, d, mp: _npz(d, "big.npz", images=_X, labels=np.where(
+        _Y > 0, 2_000_000_000, 0)), ["train", "data.name=npz:{d}/big.npz"], "big.npz"),
+    "npz negative label": ("sizes", lambda m, d, mp: _npz(d, "neg.npz", images=_X, labels=-_Y),
+                           ["train", "data.name=npz:{d}/neg.npz"], "neg.npz"),
+    "npz empty test split": ("sizes", lambda m, d, mp: _npz(
+        d, "notest.npz", x_train=_X, y_train=_Y, x_test=_X[:0], y_test=_Y[:0]),
+        ["train", "data.name=npz:{d}/notest.npz"], "notest.npz"),
+    "PNG claiming 30000x30000": ("sizes", lambda m, d, mp: _folder_with_bomb(d),
+                                 ["train", "data.name=imagefolder:{d}/imgs"], "bomb.png"),
+    "PNG bomb while packing": ("sizes", lambda m, d, mp: _folder_with_bomb(d),
+                               ["data", "pack", "imagefolder:{d}/imgs", "{d}/st"], "bomb.png"),
+    "store labels beyond its classes": ("sizes", lambda m, d, mp: _json(
+        _copy(m, d, STORE) / "header.json", lambda h: h.update(num_classes=[1])),
+        ["train", "data.name=packed:{d}/store"], "num_classes [1]"),
+    # 4. OS errors
+    "full disk reserving a store": ("os", lambda m, d, mp: [
+        _npz(d, "s.npz", images=_X, labels=_Y), mp.setattr(os, "posix_fallocate", _no_space)],
+        ["data", "pack", "npz:{d}/s.npz", "{d}/st"], "No space left on device"),
+    "full disk writing a store": ("os", lambda m, d, mp: [
+        _npz(d, "s.npz", images=_X, labels=_Y), mp.setattr(pack_mod, "_write_raw", _no_space)],
+        ["data", "pack", "npz:{d}/s.npz", "{d}/st"], "cannot write the store"),
+    "DEST under a file": ("os", lambda m, d, mp: [(d / "f").write_text("x"),
+                                                  _npz(d, "s.npz", images=_X, labels=_Y)],
+                          ["data", "pack", "npz:{d}/s.npz", "{d}/f/st"], "lies under"),
+    **{f"{what} name too long": ("os", lambda m, d, mp: _copy(m, d, RUN), args, fragment)
+       for what, args, fragment in (
+        ("npz", ["train", "data.name=npz:{d}/" + "n" * 300], "File name too long"),
+        ("imagefolder", ["train", "data.name=imagefolder:{d}/" + "i" * 300], "File name too long"),
+        ("packed", ["train", "data.name=packed:{d}/" + "p" * 300], "File name too long"),
+        ("eval run", ["eval", "{d}/" + "e" * 300], "File name too long"),
+        ("export out", ["export", "{d}/run", "layer=backbone", "out={d}/" + "o" * 300],
+         "longer than the file system allows"))},
+    # 5. no unpickling, and no advice to unpickle
+    "pickled state.pt": ("pickle", lambda m, d, mp: _pickled_state(m, d),
+                         ["train", "run.dir={d}/run", "resume=true"], "state.pt"),
+}
+CLASSES = {"rundir", "run files", "sizes", "os", "pickle"}
+
+
+def _as_shown(err: str) -> str:
+    """stderr as a terminal shows it: a progress bar cleared with carriage returns is gone."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in err.split("\n")).strip()
+
+
+def _tree(d: Path) -> list:
+    return sorted((str(p.relative_to(d)), p.stat().st_size if p.is_file() else -1)
+                  for p in d.rglob("*"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_damaged_file_or_os_error_is_one_line_exit_2(case, made, tmp_path, monkeypatch, capsys):
+    kind, setup, args, fragment = CASES[case]
+    assert kind in CLASSES
+    d = tmp_path / "case"
+    d.mkdir()
+    setup(made, d, monkeypatch)
+    before = _tree(d)
+    assert main([a.replace("{d}", str(d)) for a in args]) == 2
+    err = _as_shown(capsys.readouterr().err)
+    assert len(err.splitlines()) == 1, err
+    line = err
+    assert line.startswith("ssl-lab: error: ") and len(line) < 400, err
+    assert fragment in line, line
+    assert "weights_only" not in err
+    assert _tree(d) == before  # nothing new: no run directory, no partial store, no temp file
+    assert not (tmp_path / "runs").exists()
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    """The second checkpoint hits a full disk: one line naming it; the first one survives."""
+    run = tmp_path / "r"
+    real, calls = ckpt_io._write_bytes, []
+
+    def fills_up(path, data):
+        calls.append(path)
+        if len(calls) > 3:  # the first checkpoint's weights, state and meta are written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt_io, "_write_bytes", fills_up)
+    args = tiny_run_overrides(run, **{"train.epochs": 2, "train.ckpt_every_steps": 4,
+                                      "eval.enabled": False})
+    assert main(["train", *args]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot write checkpoint" in line and "step-0000008" in line, line
+    assert "No space left on device" in line and "checkpoint, step-0000004, is kept" in line, line
+    assert "resume=true" in line
+    kept = ckpt_io.find_checkpoint(run)
+    assert kept.name == "step-0000004" and ckpt_io.verify(kept)
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_permission_error_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ckpt_io, "_write_bytes", lambda *a: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, os.strerror(errno.EACCES))))
+    run = tmp_path / "r"
+    args = tiny_run_overrides(run, **{"train.epochs": 1, "eval.enabled": False})
+    assert main(["train", *args]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoints/step-" in line and "Permission denied" in line, line
+    assert not list((run / "checkpoints").iterdir())
+
+
+def test_damaged_baseline_cache_entry_is_recomputed_with_a_warning(made, tmp_path, monkeypatch,
+                                                                   capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(made / "cache", cache)
+    monkeypatch.setenv("SSL_LAB_CACHE", str(cache))
+    entries = sorted((cache / "baselines").glob("*.json"))
+    assert len(entries) == 2
+    entries[0].write_text(entries[0].read_text()[:40])  # truncated
+    entries[1].write_text('{"key": {}, "result": [1]}')  # parses, but no result mapping
+    run = _copy(made, tmp_path, RUN)
+    (run / "eval.json").unlink()
+    assert main(["eval", str(run)]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 2 and all("baseline cache entry" in w for w in warnings), warnings
+    assert all(any(entry.name in w for w in warnings) for entry in entries), warnings
+    report = json.loads((run / "eval.json").read_text())
+    assert report["random_init"] and report["pixels"]
+    for entry in entries:  # recomputed and written back whole
+        assert isinstance(json.loads(entry.read_text())["result"], dict)
+
+
+def test_unwritable_cache_after_training_keeps_the_results(tmp_path, monkeypatch, capsys):
+    """The baseline cache cannot be created (SSL_LAB_CACHE lies under a file): a warning, and
+    the run's eval.json and summary.json are written all the same."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("SSL_LAB_CACHE", str(tmp_path / "file" / "cache"))
+    run = tmp_path / "r"
+    assert main(["train", *tiny_run_overrides(run, **{"train.epochs": 1})]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings and all("cannot write the baseline cache" in w for w in warnings), warnings
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_layer"] and (run / "eval.json").is_file()
+
+
+def test_damaged_export_json_is_one_line(made, tmp_path):
+    run = _copy(made, tmp_path, RUN)
+    assert main(["export", str(run), "layer=backbone", f"out={tmp_path / 'ex'}"]) == 0
+    meta = tmp_path / "ex" / "export.json"
+    good = meta.read_text()
+    for damage, fragment in ((lambda m: m["encoder"].pop("mean"), "'mean'"),
+                             (lambda m: m.update(layer=["x"]), "layer"),
+                             (lambda m: m.update(encoder=[]), "not an encoder spec")):
+        meta.write_text(good)
+        _json(meta, damage)
+        with pytest.raises(UserError, match=fragment) as info:
+            load_exported(tmp_path / "ex")
+        assert "export.json" in str(info.value) and "\n" not in str(info.value)
+    meta.write_text("")
+    with pytest.raises(UserError, match="export.json is empty"):
+        load_exported(tmp_path / "ex")
+
+
+def test_damaged_imagefolder_cache_is_decoded_again(tmp_path, capsys):
+    from ssl_lab.data.sources import load_dataset
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (10, 10), 30 * i + 100 * (c == "b")).save(tmp_path / "imgs" / c / f"{i}.png")
+    first = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    (header,) = (tmp_path / "cache" / "imagefolder").glob("*/header.json")
+    header.write_text('{"format": "ssl-lab-store", "version": 1}')  # keys missing
+    capsys.readouterr()
+    again = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged imagefolder cache" in err[0] and "decoding" in err[0], err
+    assert np.array_equal(np.asarray(first.train.images), np.asarray(again.train.images))
+    assert json.loads(header.read_text())["splits"]  # written again whole
+
+
+def test_damaged_jpeg_in_a_store_names_the_image(tmp_path):
+    from ssl_lab.data.store import open_store
+
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "s.npz", images=rng.integers(0, 256, (20, 16, 16), dtype=np.uint8),
+             labels=np.arange(20) % 2)
+    assert main(["data", "pack", f"npz:{tmp_path / 's.npz'}", str(tmp_path / "st"),
+                 "encoding=jpeg"]) == 0
+    blobs = tmp_path / "st" / "train.jpeg"
+    raw = bytearray(blobs.read_bytes())
+    raw[:64] = bytes(64)  # the first image's header, same file size
+    blobs.write_bytes(bytes(raw))
+    images = open_store(tmp_path / "st").images("train")
+    with pytest.raises(UserError, match="image 0 of .*train.jpeg is damaged"):
+        images[np.arange(2)]
+    offsets = tmp_path / "st" / "train.offsets.npy"
+    np.save(offsets, np.load(offsets)[::-1].copy())  # same size, no longer an index
+    with pytest.raises(UserError, match="train.offsets.npy is damaged"):
+        open_store(tmp_path / "st").images("train")
+
+
+def test_full_disk_writing_summary_json_is_one_line(tmp_path, monkeypatch, capsys):
+    import ssl_lab.rundir as rundir_mod
+
+    real = rundir_mod.write_text_atomic
+
+    def full(path, text):
+        if Path(path).name == "summary.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, text)
+
+    monkeypatch.setattr(rundir_mod, "write_text_atomic", full)
+    run = tmp_path / "r"
+    assert main(["train", *tiny_run_overrides(run, **{"train.epochs": 1, "eval.enabled": False})]) == 2
+    line = _as_shown(capsys.readouterr().err).splitlines()[-1]
+    assert line == f"ssl-lab: error: cannot write {run / 'summary.json'}: No space left on device; " \
+        "free disk space", line
+    assert ckpt_io.find_checkpoint(run) is not None  # the training itself is kept
+
+
+@pytest.mark.parametrize("label", [2_000_000_000, -3])
+def test_from_arrays_bounds_the_number_of_classes(label):
+    from ssl_lab.data import from_arrays
+
+    with pytest.raises(UserError, match=r"train_labels has labels outside \[0, 100,000\)"):
+        from_arrays(_X, np.where(_Y > 0, label, 0))

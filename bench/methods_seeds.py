@@ -66,7 +66,9 @@ def table(raw: Path) -> str:
         seeds = sorted(cfg_dir.glob("seed*"))
         evals = [json.loads((s / "eval.json").read_text()) for s in seeds]
         summaries = [json.loads((s / "summary.json").read_text()) for s in seeds]
-        layers += [k for e in evals for k in e["layers"] if k not in layers]
+        for k in (k for e in evals for k in e["layers"]):
+            if k not in layers:  # the union over configs, in first-seen order
+                layers.append(k)
         rows.append((cfg_dir.name, evals, summaries))
     head = "| config | seeds | " + " | ".join(layers) + " | best layer (val) | kNN@best | epochs |"
     lines = [head, "|" + "---|" * (len(layers) + 5)]

@@ -45,3 +45,17 @@ def _one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+def interrupt_trainer_at(monkeypatch, trainer_cls, at_step: int):
+    """Make `trainer_cls.train_step` raise KeyboardInterrupt (Ctrl-C) when it reaches `at_step`;
+    returns the real step (to put back before resuming)."""
+    real_step = trainer_cls.train_step
+
+    def interrupted(self, step, indices):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, step, indices)
+
+    monkeypatch.setattr(trainer_cls, "train_step", interrupted)
+    return real_step

@@ -68,6 +68,14 @@ def _fake_runs(d):
     (d / "rcbad" / "config.yaml").write_text("train: {lr: -1}\n")
     (d / "rcbad" / "rcdm.json").write_text("{}")
     np.save(d / "empty.npy", np.zeros((0, 8, 8), np.uint8))
+    np.savez(d / "tiny.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.arange(3))
+    (d / "enc").mkdir()  # an encoder run as far as `rcdm sample images=` reads one
+    (d / "enc" / "config.yaml").write_text("seed: 0\n")
+    (d / "enc" / "encoder.json").write_text('{"model": {}, "in_chans": 1, "image_size": 8, '
+                                            '"mean": [0.5], "std": [0.5], "dataset": "digits"}')
+    (d / "rc2").mkdir()
+    (d / "rc2" / "config.yaml").write_text(f"encoder: {d / 'enc'}\n")
+    (d / "rc2" / "rcdm.json").write_text("{}")
 
 
 CASES = {
@@ -93,6 +101,8 @@ CASES = {
     "npz of objects": (["train", "data.name=npz:{d}/obj.npz"], "obj.npz"),
     "npz wrong image shape": (["train", "data.name=npz:{d}/shape.npz"], "shape.npz"),
     "empty dataset": (["train", "data.name=npz:{d}/empty.npz"], "empty.npz"),
+    "npz too small for a test split": (["train", "data.name=npz:{d}/tiny.npz"],
+                                       "tiny.npz: its 3 images are too few to hold out"),
     "truncated npz": (["train", "data.name=npz:{d}/trunc.npz"], "trunc.npz"),
     "pickle disguised as npz": (["train", "data.name=npz:{d}/pickle.npz"], "pickle.npz"),
     "missing npz": (["train", "data.name=npz:{d}/none.npz"], "none.npz"),
@@ -153,6 +163,10 @@ CASES = {
     "yaml int of 5000 digits": (["train", "{d}/longint.yaml"], "longint.yaml holds a number"),
     "override of 10k chars": (["train", "run.name=[" + "1," * 5000 + "]"], "run.name"),
     "key of 100k chars": (["train", "k" * 100000 + "=1"], "unknown config key 'kkk"),
+    "import backbone of 5000 chars": (["import", "{d}/none.pt", "{d}/dest", "backbone=" + "x" * 5000],
+                                      "backbone must be one of"),
+    "import option of 5000 chars": (["import", "{d}/none.pt", "{d}/dest", "o" * 5000 + "=1"],
+                                    "unknown import option 'ooo"),
     # --- rcdm / infusion sample and score options (checked before anything is loaded) ---
     "rcdm sample n=0": (["rcdm", "sample", "{d}/rc", "n=0"], "n must be >= 1"),
     "rcdm sample k=0": (["rcdm", "sample", "{d}/rc", "k=0"], "k must be >= 1"),
@@ -168,6 +182,10 @@ CASES = {
     "infusion sample seed 2**40": (["infusion", "sample", "{d}/inf", f"seed={2**40}"],
                                    "seed must be <= 4294967295"),
     "infusion sample over earlier samples": (["infusion", "sample", "{d}/inf"], "overwrite=true"),
+    "rcdm sample empty .npy": (["rcdm", "sample", "{d}/rc2", "images={d}/empty.npy"],
+                               "empty.npy holds no images (shape (0, 8, 8))"),
+    "rcdm sample folder of no images": (["rcdm", "sample", "{d}/rc2", "images={d}/emptydir"],
+                                        "emptydir holds no image files"),
     "infusion sample of an SSL run": (["infusion", "sample", "{d}/ssl"],
                                       "not an infusion run (it is an SSL run"),
     "infusion train var_scale -1": (["infusion", "train", "infusion.var_scale=-1"],

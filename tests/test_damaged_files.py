@@ -24,6 +24,7 @@ from PIL import Image
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
 from ssl_lab.data import pack as pack_mod
+from ssl_lab.data import store as store_mod
 from ssl_lab.errors import UserError
 from ssl_lab.export import load_exported
 
@@ -96,13 +97,36 @@ _X = np.zeros((12, 8, 8), np.uint8)
 _Y = np.arange(12) % 2
 
 
-def _read_only(made: Path, d: Path, mp: pytest.MonkeyPatch) -> None:
+def _read_only(made: Path, d: Path, mp: pytest.MonkeyPatch, folder: Path | None = None) -> None:
     """A folder the process may not write to (root ignores chmod: os.access is what is read)."""
-    (d / "ro").mkdir()
-    os.chmod(d / "ro", 0o555)
+    folder = folder or d / "ro"
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, 0o555)
     real = os.access
-    mp.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == d / "ro" and mode & os.W_OK
+    mp.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder and mode & os.W_OK
                else real(p, mode, **kw))
+
+
+def _rcdm_run(made: Path, d: Path, spec: str = "{}") -> None:
+    """An RCDM run as far as `rcdm sample` reads one before its model: config.yaml naming a
+    real encoder run, and rcdm.json."""
+    (d / "rc").mkdir()
+    (d / "rc" / "config.yaml").write_text(f"encoder: {_copy(made, d, RUN)}\n")
+    (d / "rc" / "rcdm.json").write_text(spec)
+
+
+def _raises(exc: OSError):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+def _tiny_folder(d: Path) -> None:
+    """Two classes of two images: the 20% test carve holds none out."""
+    for c in ("a", "b"):
+        (d / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 90 * i).save(d / "imgs" / c / f"{i}.png")
 
 
 def _no_space(*args, **kwargs):
@@ -111,6 +135,7 @@ def _no_space(*args, **kwargs):
 
 # under 4096 characters (the config's own bound) but over PATH_MAX less room for the run's files
 _LONG = "/".join(["y" * 200] * 19 + ["z" * 150])
+_DEEP = "/".join(["w" * 200] * 25)  # 5,000 characters: over PATH_MAX itself
 
 
 # name -> (class, setup(made, d, monkeypatch), arguments ({d}: the case folder), fragment)
@@ -154,6 +179,16 @@ CASES = {
     "store header wrong types": ("run files", lambda m, d, mp: _json(
         _copy(m, d, STORE) / "header.json", lambda h: h.update(num_classes="3")),
         ["data", "info", "{d}/store"], "header.json"),
+    "rcdm.json not JSON": ("run files", lambda m, d, mp: _rcdm_run(m, d, '{"layer": "ba'),
+                           ["rcdm", "sample", "{d}/rc"], "rcdm.json is not valid JSON"),
+    "sweep.json not JSON": ("run files", lambda m, d, mp: [(d / "sw").mkdir(), (
+        d / "sw" / "sweep.json").write_text("[1,")], ["sweep", "out={d}/sw"], "sweep.json is not"),
+    "sweep.json missing keys": ("run files", lambda m, d, mp: [(d / "sw").mkdir(), (
+        d / "sw" / "sweep.json").write_text('{"base": {}}')], ["sweep", "out={d}/sw"],
+        "sweep.json lacks the keys"),
+    "truncated summary.json of a sweep point": ("run files", lambda m, d, mp: [
+        shutil.copytree(m / RUN, d / "sw" / "p1"), (d / "sw" / "p1" / "summary.json").write_text(
+            '{"best')], ["sweep", "out={d}/sw", "run=false"], "p1/summary.json is not valid JSON"),
     "store file name with a folder": ("run files", lambda m, d, mp: _json(
         _copy(m, d, STORE) / "header.json",
         lambda h: h["splits"]["train"]["files"]["labels"].update(name="../../x.npy")),
@@ -173,7 +208,33 @@ CASES = {
     "store labels beyond its classes": ("sizes", lambda m, d, mp: _json(
         _copy(m, d, STORE) / "header.json", lambda h: h.update(num_classes=[1])),
         ["train", "data.name=packed:{d}/store"], "num_classes [1]"),
+    "image folder too small for a test split": ("sizes", lambda m, d, mp: _tiny_folder(d),
+                                                ["train", "data.name=imagefolder:{d}/imgs"],
+                                                "it has an empty test split"),
+    "PNG bomb as rcdm images=": ("sizes", lambda m, d, mp: [_folder_with_bomb(d), _rcdm_run(m, d)],
+                                 ["rcdm", "sample", "{d}/rc", "images={d}/imgs/a/bomb.png"],
+                                 "bomb.png is too large to decode safely"),
+    "rcdm.json of a huge model": ("sizes", lambda m, d, mp: _rcdm_run(m, d, json.dumps({
+        "layer": "backbone", "dataset": "digits", "attention": False, "feature_dim": 8,
+        "in_channels": 1, "size": 10**9, "content": 8, "layers_per_block": 1, "norm_groups": 8,
+        "channels": [16]})), ["rcdm", "sample", "{d}/rc"], "'size' is 1000000000"),
+    "shape.json of a huge model": ("sizes", lambda m, d, mp: [
+        (d / "inf").mkdir(), (d / "inf" / "config.yaml").write_text("seed: 0\n"),
+        (d / "inf" / "shape.json").write_text("[1, 8, 100000000]")],
+        ["infusion", "sample", "{d}/inf"], "shape.json holds [1, 8, 100000000]"),
     # 4. OS errors
+    "eval of a read-only run": ("os", lambda m, d, mp: _read_only(m, d, mp, _copy(m, d, RUN)),
+                                ["eval", "{d}/run"], "is not writable"),
+    "eval.feature_dir read-only": ("os", lambda m, d, mp: [_copy(m, d, RUN), _read_only(m, d, mp)],
+                                   ["eval", "{d}/run", "eval.feature_dir={d}/ro/f"],
+                                   "eval.feature_dir"),
+    "full disk writing features": ("os", lambda m, d, mp: [_copy(m, d, RUN), mp.setattr(
+        np.lib.format, "write_array_header_1_0", _no_space)], ["eval", "{d}/run"],
+        "cannot write the feature file"),
+    "an OS error no command names": ("os", lambda m, d, mp: [_copy(m, d, STORE), mp.setattr(
+        store_mod, "describe", _raises(PermissionError(errno.EACCES, "Permission denied",
+                                                       "/x/header.json")))],
+        ["data", "info", "{d}/store"], "cannot use /x/header.json: Permission denied"),
     "full disk reserving a store": ("os", lambda m, d, mp: [
         _npz(d, "s.npz", images=_X, labels=_Y), mp.setattr(os, "posix_fallocate", _no_space)],
         ["data", "pack", "npz:{d}/s.npz", "{d}/st"], "No space left on device"),
@@ -190,10 +251,18 @@ CASES = {
         ("packed", ["train", "data.name=packed:{d}/" + "p" * 300], "File name too long"),
         ("eval run", ["eval", "{d}/" + "e" * 300], "File name too long"),
         ("export out", ["export", "{d}/run", "layer=backbone", "out={d}/" + "o" * 300],
-         "longer than the file system allows"))},
+         "longer than the file system allows"),
+        ("rcdm encoder", ["rcdm", "train", "{d}/" + "r" * 300], "File name too long"),
+        ("rcdm sample run", ["rcdm", "sample", "{d}/" + _DEEP], "File name too long"),
+        ("infusion sample run", ["infusion", "sample", "{d}/" + _DEEP], "File name too long"))},
     # 5. no unpickling, and no advice to unpickle
     "pickled state.pt": ("pickle", lambda m, d, mp: _pickled_state(m, d),
                          ["train", "run.dir={d}/run", "resume=true"], "state.pt"),
+    "pickled .pt to import": ("pickle", lambda m, d, mp: torch.save({"x": _namespace()}, d / "w.pt"),
+                              ["import", "{d}/w.pt", "{d}/dest"],
+                              "w.pt holds objects other than tensors"),
+    "junk .pt to import": ("pickle", lambda m, d, mp: (d / "w.pt").write_bytes(b"junk" * 40),
+                           ["import", "{d}/w.pt", "{d}/dest"], "it is damaged or not a torch file"),
 }
 CLASSES = {"rundir", "run files", "sizes", "os", "pickle"}
 

@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_overrides
+from conftest import interrupt_trainer_at, tiny_run_overrides
 from PIL import Image
 from safetensors.torch import save_file
 from test_data_sources import write_fashion
 from test_export_import import torchvision_resnet
 
+import ssl_lab
 from ssl_lab import train_loop
 from ssl_lab.cli import main
 from ssl_lab.config import load_config
 from ssl_lab.data.sources import load_dataset
+from ssl_lab.errors import UserError
 from ssl_lab.export import load_exported
 from ssl_lab.gen import rcdm_train
 from ssl_lab.train_setup import view_size
@@ -136,7 +138,10 @@ def test_packed_store_trains_and_evaluates_with_the_default_evaluation(tmp_path,
     run = tmp_path / "run"
     overrides = tiny(run, **{"data.name": f"packed:{store}", "eval.baselines": "true"})
     assert cli("train", *overrides) == 0
-    eval_notice_first(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    eval_notice_first(captured.out)
+    # the baseline's progress bars say whose they are (they repeat the trained encoder's)
+    assert "random-init features/train" in captured.err and "random-init probes" in captured.err
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["pixel_probe"] <= 1 and summary["random_init_probes"]
     assert cli("eval", run) == 0
@@ -173,14 +178,7 @@ def test_import_eval_rcdm_train_resume_sample_score(tmp_path, monkeypatch, capsy
     assert cli("import", tmp_path / "r18.safetensors", imp, "backbone=resnet18", "width=0.0625",
                "image_size=32", "data.name=digits") == 0
     assert cli("eval", imp, "eval.baselines=false", "eval.train_fraction=0.2") == 0
-    real_step = rcdm_train.RCDMTrainer.train_step
-
-    def interrupted(self, step, indices):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step, indices)
-
-    monkeypatch.setattr(rcdm_train.RCDMTrainer, "train_step", interrupted)
+    real_step = interrupt_trainer_at(monkeypatch, rcdm_train.RCDMTrainer, 3)
     r1 = tmp_path / "r1"
     assert cli("rcdm", "train", imp, "layer=backbone", f"run.dir={r1}", *RCDM) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -221,7 +219,18 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli("eval", folder) == 2
     line = one_line_error(capsys)
     assert f"{folder} is not a run directory (no config.yaml)" in line and "ssl-lab train" in line
+    with pytest.raises(UserError) as info:  # the Python API says the same, before any work
+        ssl_lab.evaluate(folder)
+    assert f"ssl-lab: error: {info.value}" == line
     assert _files(folder) == {"encoder.json"}
+
+
+@pytest.mark.parametrize("command", ["rcdm", "infusion"])
+def test_sample_help_lists_overwrite(command, capsys):
+    """Both sample commands refuse an existing output folder: --help names the way out."""
+    with pytest.raises(SystemExit):
+        main([command, "sample", "--help"])
+    assert "overwrite=true" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option, words", [

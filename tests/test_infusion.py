@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_trainer_at
 from safetensors.torch import load_file
 
 from ssl_lab.checkpoint import find_checkpoint
@@ -317,6 +318,25 @@ def test_resume_replays_the_uninterrupted_run(tmp_path):
     assert main(["infusion", "train", f"run.dir={crash}", "resume=true"]) == 0
     assert json.loads((crash / "env.json").read_text())["resumed_at_step"] == 2
     assert _same_weights(full, crash)
+
+
+def test_ctrl_c_names_the_run_and_its_resume_command(tmp_path, monkeypatch, capsys):
+    """As for `train` (tests/test_doc_flows.py): Ctrl-C during `infusion train` names the run
+    directory, the checkpoint a resume starts from and the command, which finishes the run."""
+    from ssl_lab.gen import infusion_train
+
+    real_step = interrupt_trainer_at(monkeypatch, infusion_train.InfusionTrainer, 3)
+    run = tmp_path / "run"
+    assert main(["infusion", "train", *_tiny(run, **{"train.ckpt_every_steps": 2})]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"ssl-lab: interrupted; run directory {run}: "), err
+    assert f"{run / 'checkpoints' / 'step-0000002'} (step 2)" in err, err
+    command = err.split("`")[1]
+    assert command == f"ssl-lab infusion train run.dir={run} resume=true"
+    monkeypatch.setattr(infusion_train.InfusionTrainer, "train_step", real_step)
+    assert main(command.split()[1:]) == 0
+    assert json.loads((run / "env.json").read_text())["resumed_at_step"] == 2
+    assert (run / "summary.json").is_file()
 
 
 def test_more_epochs_on_resume_equal_a_longer_run(tmp_path):

@@ -123,8 +123,8 @@ def verify(ckpt: Path) -> bool:
         meta = json.loads((ckpt / META).read_text())
         return all((ckpt / f).stat().st_size == info["bytes"] and sha256_file(ckpt / f) == info["sha256"]
                    for f, info in meta["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return False  # a damaged meta.json (any shape of damage): the checkpoint is skipped
 
 
 def _own_checkpoints(root: Path) -> list[Path]:
@@ -233,7 +233,13 @@ def torch_load_error(path: Path, exc: BaseException, damaged: str) -> str:
     advises weights_only=False (unpickling, which can run code): it is never quoted."""
     text = str(exc).strip()
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Unpickler" in text:
-        return (f"{short_path(path)} holds objects other than tensors and plain containers; "
-                "ssl-lab does not load such files (they could run code)")
-    first = text.splitlines()[0][:200] if text else type(exc).__name__
+        found = re.search(r"GLOBAL ([\w.]{1,80})", text)  # the class a pickle wants to rebuild
+        if found or "Unsupported global" in text:
+            what = f" ({found.group(1)})" if found else ""
+            return (f"{short_path(path)} holds objects other than tensors and plain "
+                    f"containers{what}; ssl-lab does not load such files (they could run code)")
+        # torch reads a file that is not a zip archive as an old-style pickle: junk lands here
+        return f"cannot read {short_path(path)}: it is not tensors saved by torch.save; {damaged}"
+    # the type too: a KeyError on random bytes alone reads "(1785425525)"
+    first = f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
     return f"cannot read {short_path(path)} ({first}); {damaged}"

@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ssl_lab.config_io import pop_options, split_config_args
+from ssl_lab.config_io import pop_options, short, split_config_args
 from ssl_lab.errors import UserError
 
 
@@ -25,14 +25,10 @@ def cmd_train(ns: argparse.Namespace) -> None:
 def cmd_eval(ns: argparse.Namespace) -> None:
     from ssl_lab.config import load_config
     from ssl_lab.eval.run import evaluate_run, print_layer_table
-    from ssl_lab.runtime import existing_run_dir
+    from ssl_lab.runtime import evaluable_run_dir
     from ssl_lab.train_loop import eval_notice
 
-    run_dir = existing_run_dir(ns.run_dir, "ssl-lab train")
-    missing = [name for name in ("config.yaml", "encoder.json") if not (run_dir / name).is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a run directory (no {' or '.join(missing)}); pass a "
-                        "directory made by `ssl-lab train` or `ssl-lab import`")
+    run_dir = evaluable_run_dir(ns.run_dir)  # evaluate_run checks it too (Python callers)
     print(eval_notice(load_config(run_dir / "config.yaml", ns.overrides)), flush=True)
     report = evaluate_run(run_dir, ns.overrides, allow_import=getattr(ns, "allow_import", False))
     print_layer_table(report, run_dir)
@@ -48,7 +44,7 @@ def cmd_views(ns: argparse.Namespace) -> None:
 
     options, args = pop_options(ns.args, {"out": "views.png", "rows": 8}, "views")
     if not isinstance(options["rows"], int) or not 1 <= options["rows"] <= 64:
-        raise UserError(f"views: rows must be an integer in [1, 64], got {options['rows']!r}")
+        raise UserError(f"views: rows must be an integer in [1, 64], got {short(options['rows'])}")
     path, overrides = split_config_args(args)
     cfg = load_config(path, overrides)
     data = load_training_data(cfg)
@@ -151,14 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(interrupted_message(getattr(exc, "run_dir", None), ns), file=sys.stderr)
         return 130
+    except OSError as exc:  # a safety net: the known places name their path and cause first
+        print(f"ssl-lab: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OS error no command caught, as runtime.os_user_error words it: the path (both of a
+    rename), the cause and its fix."""
+    from ssl_lab.runtime import os_error_text, os_user_error
+
+    if exc.filename is None:
+        return f"operating-system error: {os_error_text(exc)}"
+    path = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return str(os_user_error("cannot use", path, exc))
 
 
 def interrupted_message(run_dir: Path | None, ns: argparse.Namespace) -> str:
     """One line for Ctrl-C: the run directory the engine was writing (set on the exception by
-    train_loop.train / rcdm_train.train_rcdm), the checkpoint a resume starts from, and the
-    command that resumes it."""
-    if run_dir is None:
+    RunDir.take), the checkpoint a resume starts from, and the command that resumes it. A
+    directory removed on the way out (nothing had been written) is not named."""
+    if run_dir is None or not Path(run_dir).is_dir():
         return "ssl-lab: interrupted"
     latest = Path(run_dir) / "checkpoints" / "latest"
     name = latest.read_text().strip() if latest.is_file() else ""

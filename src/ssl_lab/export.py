@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ssl_lab.config_io import pop_options
+from ssl_lab.config_io import pop_options, short
 from ssl_lab.errors import UserError
 from ssl_lab.models.encoder import (
     Encoder,
@@ -145,7 +145,7 @@ def _best_layer(path: Path) -> str | None:
     report = read_json(path, path.name, fix)
     best = report.get("best_layer") if isinstance(report, dict) else None
     if best is not None and not isinstance(best, str):
-        raise UserError(f"{short_path(path)}: best_layer is {str(best)[:40]!r}, not a layer name: "
+        raise UserError(f"{short_path(path)}: best_layer is {short(str(best))}, not a layer name: "
                         f"the file is damaged; {fix}")
     return best
 
@@ -213,7 +213,7 @@ def load_exported(path: str | Path, backbone: nn.Module | None = None) -> Export
                                 backbone=backbone)
     layer = meta.get("layer")
     if not isinstance(layer, str) or layer not in encoder.feature_dims:
-        raise UserError(f"{folder / EXPORT_JSON}: layer {str(layer)[:40]!r} is not a layer of its "
+        raise UserError(f"{folder / EXPORT_JSON}: layer {short(str(layer))} is not a layer of its "
                         "encoder: the file is damaged; export the run again")
     try:
         tensors = load_file(str(folder / WEIGHTS))

@@ -30,9 +30,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ssl_lab.checkpoint import torch_load_error
 from ssl_lab.config import Config, validate
-from ssl_lab.config_io import from_dict, parse_override, save_config, set_dotted
+from ssl_lab.config_io import from_dict, parse_override, save_config, set_dotted, short
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import short_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,19 +53,19 @@ MIN_SIZE, MAX_SIZE = 8, 1024
 def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a weights-only torch file (nesting removed)."""
     if not src.is_file():
-        raise UserError(f"weights file {src} not found")
+        raise UserError(f"weights file {short_path(src)} not found")
     if src.suffix == ".safetensors":
         try:
             return load_file(str(src))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"cannot read {src} as safetensors ({_first_line(exc)}); the file is "
-                            "damaged or not safetensors") from None
+            raise UserError(f"cannot read {short_path(src)} as safetensors ({_first_line(exc)}); "
+                            "the file is damaged or not safetensors") from None
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  any failure to parse a user's file is the file's fault
-        raise UserError(f"cannot load {src} with torch.load(weights_only=True) "
-                        f"({_first_line(exc)}); it must hold only tensors and plain containers "
-                        "(re-save it with torch.save(model.state_dict(), path))") from None
+        # checkpoint's own wording: torch's message advises unpickling, which is never quoted
+        raise UserError(f"{torch_load_error(src, exc, 'it is damaged or not a torch file')}; "
+                        "re-save the weights with torch.save(model.state_dict(), path)") from None
     return _unnest(obj, src)
 
 
@@ -81,8 +83,8 @@ def _unnest(obj: Any, src: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} \
         if isinstance(obj, dict) else {}
     if not tensors:
-        raise UserError(f"{src} holds no state dict (a mapping of names to tensors, possibly under "
-                        f"{' / '.join(NESTED)})")
+        raise UserError(f"{short_path(src)} holds no state dict (a mapping of names to tensors, "
+                        f"possibly under {' / '.join(NESTED)})")
     return tensors
 
 
@@ -93,15 +95,15 @@ def choose_prefix(keys: list[str], given: str | None) -> str:
     if given is not None:
         given = given if not given or given.endswith(".") else given + "."
         if given not in found:
-            raise UserError(f"prefix={_short(given)} is not in front of {ANCHOR} in this file; "
-                            f"found: {found or 'none'}")
+            raise UserError(f"prefix={short(given)} is not in front of {ANCHOR} in this file; "
+                            f"found: {short(found) if found else 'none'}")
         return given
     if len(found) <= 1:
         return found[0] if found else ""  # no ResNet at all: verification lists what is missing
     common = [p for p in found if set(p.split(".")[:-1]) <= COMMON_PREFIXES]
     if len(common) == 1:
         return common[0]
-    raise UserError(f"the file holds several ResNets (prefixes {', '.join(map(repr, found))}); "
+    raise UserError(f"the file holds several ResNets (prefixes {short(found, 160)}); "
                     "choose one with prefix=...")
 
 
@@ -125,7 +127,7 @@ def match_backbone(tensors: dict[str, torch.Tensor], expected: dict[str, torch.T
                  f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})" if unexpected else "",
                  f"{len(shapes)} with another shape (file vs model: {shapes[:3]})"
                  if shapes else ""]
-        raise UserError(f"{src} does not match the chosen architecture: "
+        raise UserError(f"{short_path(src)} does not match the chosen architecture: "
                         f"{'; '.join(p for p in parts if p)}; {describe(state)}")
     return state
 
@@ -180,21 +182,21 @@ def import_resnet(src: str | Path, dest: str | Path, config_overrides: list[str]
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise UserError(f"unknown import option {_short(unknown[0])}; options: {', '.join(OPTIONS)} "
+        raise UserError(f"unknown import option {short(unknown[0])}; options: {', '.join(OPTIONS)} "
                         "and dotted config keys such as data.name=cifar10")
     opts = OPTIONS | options
     from ssl_lab.models.resnet import ARCHS
 
     if not isinstance(opts["backbone"], str) or opts["backbone"] not in ARCHS:
         raise UserError(f"import reads torchvision-layout ResNets: backbone must be one of "
-                        f"{', '.join(ARCHS)}, got {_short(opts['backbone'])}")
+                        f"{', '.join(ARCHS)}, got {short(opts['backbone'])}")
     size = opts["image_size"]
     if not _is_int(size) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise UserError(f"import option image_size={_short(size)} is out of range: use an "
+        raise UserError(f"import option image_size={short(size)} is out of range: use an "
                         f"integer in [{MIN_SIZE}, {MAX_SIZE}], the size the weights were trained "
                         "at (224 for ImageNet ResNets)")
     if not _is_int(opts["in_chans"]) or opts["in_chans"] not in (1, 3):
-        raise UserError(f"import option in_chans={_short(opts['in_chans'])} is not supported: "
+        raise UserError(f"import option in_chans={short(opts['in_chans'])} is not supported: "
                         "use 3 (RGB, as ImageNet ResNets) or 1 (grey)")
     if opts["prefix"] is not None:
         opts["prefix"] = str(opts["prefix"])
@@ -203,12 +205,6 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value: Any) -> str:
-    """A user's value for a message, never unbounded."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _eval_batch(size: int) -> int:

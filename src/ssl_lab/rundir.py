@@ -116,13 +116,19 @@ class RunDir:
     @contextlib.contextmanager
     def take(self, resume: bool) -> Iterator[None]:
         """Create the directory and hold its writer lock for the whole run (a second writer
-        stops at once with a UserError)."""
+        stops at once with a UserError). A Ctrl-C inside carries this directory
+        (`exc.run_dir`): cli.main names it, its newest checkpoint and the resume command, for
+        every command that trains (train, sweep, rcdm train, infusion train)."""
         self.create()
         with self.lock():
             if not resume and self.started:  # another process started it since check() looked
-                raise UserError(f"run directory {self.path} already exists; pass resume=true to "
-                                "continue it or choose another run.dir")
-            yield
+                raise UserError(f"run directory {short_path(self.path)} already exists; pass "
+                                "resume=true to continue it or choose another run.dir")
+            try:
+                yield
+            except KeyboardInterrupt as exc:
+                exc.run_dir = self.path
+                raise
 
     def write_start(self, cfg: Any, spec_name: str, spec: Any, device: Any,
                     amp_dtype: torch.dtype | None, grad_scaler: bool, step: int, **env: Any) -> None:

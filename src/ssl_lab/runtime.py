@@ -114,8 +114,26 @@ def existing_run_dir(text: str, made_by: str) -> Path:
     """A run directory argument that must exist (`made_by`: the command that creates one)."""
     path = Path(text)
     if path_kind(path, "run directory") != "dir":
-        raise UserError(f"run directory {path} does not exist; pass one made by `{made_by}`")
+        raise UserError(f"run directory {short_path(path)} does not exist; pass one made by "
+                        f"`{made_by}`")
     return path
+
+
+def evaluable_run_dir(run_dir: str | Path) -> Path:
+    """A run directory to evaluate: it exists, holds config.yaml and encoder.json, and can be
+    written (eval.json goes there). Checked before any work, for the CLI and Python alike."""
+    run_dir = existing_run_dir(str(run_dir), "ssl-lab train")
+    missing = [name for name in ("config.yaml", "encoder.json")
+               if path_kind(run_dir / name, "run directory") != "file"]
+    if missing:
+        raise UserError(f"{short_path(run_dir)} is not a run directory (no "
+                        f"{' or '.join(missing)}); pass a directory made by `ssl-lab train` or "
+                        "`ssl-lab import`")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"run directory {short_path(run_dir)} is not writable (permissions or a "
+                        "read-only file system) and the evaluation writes eval.json there; copy "
+                        "the run to a writable folder and evaluate the copy")
+    return run_dir
 
 
 def short_path(path: str | Path, limit: int = 160) -> str:

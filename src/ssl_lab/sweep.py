@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from ssl_lab.config import Config, validate
-from ssl_lab.config_io import from_dict, parse_override, pop_options, read_yaml, set_dotted, split_config_args
+from ssl_lab.config_io import (
+    from_dict,
+    parse_override,
+    pop_options,
+    read_yaml,
+    set_dotted,
+    short,
+    split_config_args,
+)
 from ssl_lab.errors import UserError
 from ssl_lab.sweep_report import (
     RESERVED,
@@ -41,6 +49,7 @@ from ssl_lab.sweep_report import (
     assemble,
     format_value,
     point_status,
+    read_sweep_file,
     write_text,
 )
 
@@ -140,7 +149,7 @@ def check_names(cfg: Config) -> None:
 
     get_method(cfg.method.name)
     if cfg.model.backbone not in BACKBONES:
-        raise UserError(f"unknown model.backbone {cfg.model.backbone!r}; choose one of "
+        raise UserError(f"unknown model.backbone {short(cfg.model.backbone)}; choose one of "
                         f"{', '.join(BACKBONES)}")
     parse_projector_spec(cfg.model.projector)
     get_recipe(cfg.views.recipe, **cfg.views.recipe_options())
@@ -183,7 +192,7 @@ def validate_all(sweep: Sweep, out: Path) -> list[tuple[str, Config]]:
 def load_sweep(out: Path, config_path: str | None, overrides: list[str]) -> Sweep:
     """The sweep to run: the one given on the command line, or the one recorded in `out`."""
     stored_path = out / SWEEP_FILE
-    stored = Sweep.from_json(json.loads(stored_path.read_text())) if stored_path.is_file() else None
+    stored = Sweep.from_json(read_sweep_file(stored_path)) if stored_path.is_file() else None
     if config_path is None and not overrides:
         if stored is None:
             raise UserError(f"nothing to sweep: give key=[a,b,...] overrides, or out=DIR of an "

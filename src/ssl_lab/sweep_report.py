@@ -16,6 +16,7 @@ from typing import Any
 
 from ssl_lab.config_io import flatten, read_yaml
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import read_json, short_path
 
 SWEEP_FILE = "sweep.json"
 # keys the sweep owns: each point's directory and whether it resumes are decided per point
@@ -63,7 +64,7 @@ def sweep_points(sweep_dir: Path) -> tuple[dict[str, list[Any]], list[tuple[str,
     """(axes, [(point name, {axis: value})]) from sweep.json, else discovered from the runs."""
     path = sweep_dir / SWEEP_FILE
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_sweep_file(path)
         return dict(data["grid"]), [(p["name"], p["values"]) for p in data["points"]]
     runs = sorted(p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file())
     if not runs:
@@ -79,6 +80,32 @@ def sweep_points(sweep_dir: Path) -> tuple[dict[str, list[Any]], list[tuple[str,
         if len(values) > 1:
             axes[key] = sorted(values, key=_sort_key)
     return axes, [(name, {k: flat[name].get(k) for k in axes}) for name in flat]
+
+
+def read_sweep_file(path: Path) -> dict[str, Any]:
+    """sweep.json, checked: a damaged or hand-edited one is one line naming it."""
+    fix = "restore it, or start the sweep in a new out="
+    data = read_json(path, "sweep record", fix)
+    points = data.get("points") if isinstance(data, dict) else None
+    grid = data.get("grid") if isinstance(data, dict) else None
+    ok = isinstance(points, list) and all(
+        isinstance(data.get(key), dict) for key in ("base", "fixed")) and isinstance(grid, list) \
+        and all(isinstance(axis, list) and len(axis) == 2 and isinstance(axis[0], str)
+                and isinstance(axis[1], list) for axis in grid) and all(
+        isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("values"), dict)
+        for p in points)
+    if not ok:
+        raise UserError(f"{short_path(path)} lacks the keys a sweep record has (base, fixed, grid, "
+                        f"points): the file is damaged; {fix}")
+    return data
+
+
+def _run_json(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A run's JSON report (summary.json, eval.json) as a mapping, or one line naming it."""
+    data = read_json(path, what, fix)
+    if not isinstance(data, dict):
+        raise UserError(f"{short_path(path)} is not a JSON object: the {what} is damaged; {fix}")
+    return data
 
 
 def _unique(values: list[Any]) -> list[Any]:
@@ -101,10 +128,12 @@ def read_row(run_dir: Path) -> dict[str, Any]:
         row["status"] = "new"
     if row["status"] != "done":
         return row
-    summary = json.loads((run_dir / "summary.json").read_text())
-    probes = summary.get("probes") or {}
-    best = summary.get("best_layer")
-    random_init = summary.get("random_init_probes") or {}
+    summary = _run_json(run_dir / "summary.json", "run summary", "delete that point's directory "
+                        "and continue the sweep (`ssl-lab sweep out=...`) to run it again")
+    probes = _mapping(summary.get("probes"))
+    best = summary.get("best_layer") if isinstance(summary.get("best_layer"), str) else None
+    random_init = {k: v for k, v in _mapping(summary.get("random_init_probes")).items()
+                   if _is_number(v)}
     row |= {"best_layer": best, "best_linear": probes.get(best),
             "knn_top1": summary.get("knn_top1"),
             # the strongest untrained layer: the floor a trained layer has to beat
@@ -113,7 +142,8 @@ def read_row(run_dir: Path) -> dict[str, Any]:
             "train_s": summary.get("train_s"), "wall_s": summary.get("wall_s")}
     row |= {f"probe/{k}": v for k, v in probes.items()}
     report = _train_eval(run_dir, summary)
-    for name, layer in (report or {}).get("layers", {}).items():
+    for name, layer in _mapping((report or {}).get("layers")).items():
+        layer = _mapping(layer)
         row |= {f"zero_frac/{name}": layer.get("zero_frac"),
                 f"binarized/{name}": layer.get("binarized_test"),
                 f"rankme/{name}": layer.get("rankme")}
@@ -124,10 +154,16 @@ def _train_eval(run_dir: Path, summary: dict) -> dict | None:
     """The eval report on the run's own dataset (eval.json may hold a later transfer eval)."""
     for path in [run_dir / "eval.json", *sorted((run_dir / "evals").glob("*.json"))]:
         if path.is_file():
-            report = json.loads(path.read_text())
+            report = _run_json(path, "evaluation report", f"run `ssl-lab eval "
+                               f"{short_path(run_dir)}` again to rewrite it")
             if report.get("dataset") == summary.get("dataset"):
                 return report
     return None
+
+
+def _mapping(value: Any) -> dict:
+    """A report's sub-mapping; anything else (a hand-edited file) counts as empty."""
+    return value if isinstance(value, dict) else {}
 
 
 def assemble(sweep_dir: str | Path, plots: bool = True) -> list[dict[str, Any]]:

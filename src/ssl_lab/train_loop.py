@@ -95,17 +95,12 @@ def train(cfg: Config, stop_at_step: int | None = None, *, backbone: torch.nn.Mo
     `stop_at_step` simulates a crash after that many steps (tests use it): no final checkpoint,
     no evaluation."""
     info = dist.init_from_env()
-    s = None
     try:
         s = build(cfg, info, backbone=backbone, data=data, allow_import=allow_import)
         with contextlib.ExitStack() as held:
             agreed(info, lambda: held.enter_context(s.run.take(s.cfg.resume)))
             return _train(s, stop_at_step, time.perf_counter())
-    except KeyboardInterrupt as exc:
-        if s is not None and s.run_dir.is_dir():
-            exc.run_dir = s.run_dir  # the CLI names it and the command that resumes it
-        raise
-    finally:
+    finally:  # a Ctrl-C carries the run directory: RunDir.take sets it
         dist.cleanup()
 
 

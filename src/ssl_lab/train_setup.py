@@ -13,6 +13,7 @@ import torch
 
 from ssl_lab import dist, runtime
 from ssl_lab.config import Config, validate
+from ssl_lab.config_io import cut, short
 from ssl_lab.data.progressive import ResolutionSchedule, schedule_from_config
 from ssl_lab.data.sources import DatasetSplits, default_view_size, load_dataset
 from ssl_lab.data.views import ViewGenerator, get_recipe
@@ -79,7 +80,7 @@ def resolve_inputs(cfg: Config, backbone: torch.nn.Module | None, data: DatasetS
     if data is not None:
         cfg = replace(cfg, data=replace(cfg.data, name=data.name))
     if backbone is not None and cfg.model.backbone.startswith(IMPORT_PREFIX):
-        raise UserError(f"model.backbone={cfg.model.backbone!r} and backbone= both name the "
+        raise UserError(f"model.backbone={short(cfg.model.backbone)} and backbone= both name the "
                         "backbone; pass only one")
     backbone = given_backbone(WRAPPED if backbone is not None else cfg.model.backbone, backbone,
                               allow_import)
@@ -99,7 +100,7 @@ def check_labels(cfg: Config, data: DatasetSplits, method) -> None:
         raise UserError(f"method.name={cfg.method.name} needs a label for every training image, "
                         f"and {data.name} has unlabelled ones; choose a label-free method")
     if cfg.eval.enabled and not cfg.eval.data and not data.has_labels:
-        raise UserError(f"{data.name} has no labelled train and test images to probe on: set "
+        raise UserError(f"{cut(data.name)} cannot be probed: it {data.probe_gap()}; set "
                         "eval.data=NAME (a labelled dataset, e.g. stl10) or eval.enabled=false")
 
 

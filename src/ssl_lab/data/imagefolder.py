@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_lab.config_io import cut, short
 from ssl_lab.data.splits import UNLABELLED, Loaded, Split, holdout
 from ssl_lab.errors import UserError
-from ssl_lab.runtime import path_kind
+from ssl_lab.runtime import path_kind, short_path
 from ssl_lab.seeding import HOLDOUT_SEED
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -63,7 +64,7 @@ def check_image_size(image_size: int, key: str = "data.image_size") -> None:
     """A requested side must be 0 (the source's size) or 1..MAX_IMAGE_SIZE."""
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
             or not 0 <= image_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"{key}={image_size!r} is out of range: use 0 (the source's size) or a "
+        raise UserError(f"{key}={short(image_size)} is out of range: use 0 (the source's size) or a "
                         f"side in pixels up to {MAX_IMAGE_SIZE}")
 
 
@@ -76,23 +77,27 @@ def _warn_once(message: str) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _open(path: Path):  # -> PIL.Image.Image (PIL imported lazily: only this source needs it)
+def open_image(path: Path):  # -> PIL.Image.Image (PIL imported lazily: only this source needs it)
+    """`Image.open(path)`; a file PIL cannot read, or one whose header claims more pixels than
+    it decodes safely (a DecompressionBombError is no OSError), is one line naming it. Use it
+    inside `bomb_guard()` to refuse the warning-sized bombs too."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         return Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"image {path} is too large to decode safely ({e}): shrink it or remove "
-                        "it from the folder") from None
+        raise UserError(f"image {short_path(path)} is too large to decode safely ({cut(e, 120)}): "
+                        "shrink it or remove it") from None
     except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read image {path} ({e}): delete or replace it") from None
+        raise UserError(f"cannot read image {short_path(path)} ({cut(e, 120)}): delete or replace "
+                        "it") from None
 
 
 @contextmanager
-def _bomb_guard() -> Iterator[None]:
+def bomb_guard() -> Iterator[None]:
     """PIL's decompression-bomb warning raised as an error, for every thread while active.
 
-    Set once around a whole parallel pass (warning filters are process-wide) so `_open` turns
+    Set once around a whole parallel pass (warning filters are process-wide) so `open_image` turns
     it into a UserError naming the file instead of decoding a 100-megapixel image.
     """
     from PIL import Image
@@ -121,8 +126,9 @@ def fit_image(im, size: int | tuple[int, int], gray: bool, fit: str = "crop") ->
     try:
         im = to_8bit(im).convert("L" if gray else "RGB")
     except OSError as e:  # truncated pixel data shows up only on decode
-        raise UserError(f"cannot decode image {getattr(im, 'filename', '')} ({e}): delete or "
-                        "replace it") from None
+        name = short_path(getattr(im, "filename", ""))
+        raise UserError(f"cannot decode image {name} ({cut(e, 120)}): delete or replace it"
+                        ) from None
     out_h, out_w = (size, size) if isinstance(size, int) else size
     w, h = im.size
     if (w, h) != (out_w, out_h):
@@ -144,7 +150,7 @@ def fit_image(im, size: int | tuple[int, int], gray: bool, fit: str = "crop") ->
 
 def read_image(path: Path, size: int, gray: bool, fit: str = "crop") -> np.ndarray:
     """The image file at `path` as uint8 (size, size, C) (see `fit_image`)."""
-    with _open(path) as im:
+    with open_image(path) as im:
         return fit_image(im, size, gray, fit)
 
 
@@ -230,7 +236,7 @@ def _labelled(scans, root: Path) -> tuple[dict[str, list[Path]], dict[str, np.nd
 
 
 def _header(path: Path) -> tuple[int, bool]:
-    with _open(path) as im:  # PIL reads pixels lazily: this reads the header only
+    with open_image(path) as im:  # PIL reads pixels lazily: this reads the header only
         return min(im.size), im.mode in GRAY_MODES
 
 
@@ -254,7 +260,7 @@ def _index(root: Path, scans) -> FolderIndex:
     if "unlabelled" in files:
         labels["unlabelled"] = np.full(len(files["unlabelled"]), UNLABELLED, np.int64)
     every = [f for fs in files.values() for f in fs]
-    with _bomb_guard(), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with bomb_guard(), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         headers = list(pool.map(_header, every))
     sides = {f: side for f, (side, _) in zip(every, headers, strict=True)}
     gray = all(g for _, g in headers)
@@ -273,7 +279,7 @@ def default_size(folder: FolderIndex, cap: int = MAX_SIZE) -> int:
     small = {f: s for f, s in folder.sides.items() if s < floor}
     if small:
         worst = min(small, key=small.get)
-        with _open(worst) as im:
+        with open_image(worst) as im:
             w, h = im.size
         _warn_once(f"{len(small)} image(s) of the folder are much smaller than the rest and are "
                    f"upscaled to {side}x{side} (smallest: {worst}, {w}x{h}); set data.image_size "
@@ -355,7 +361,7 @@ def load_imagefolder(arg: str | None, image_size: int = 0) -> Loaded:
     opts = pack.PackOptions(resolution=side, workers=workers)
     plan = pack.folder_plan(folder, side, opts)
     progress = len(folder.sides) > PROGRESS_MIN
-    with _bomb_guard():
+    with bomb_guard():
         try:
             pack.write_store(dest, plan, {"source": f"imagefolder:{root}",
                                           "split_key": "imagefolder"}, opts, progress)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ssl_lab import __version__
 from ssl_lab.checkpoint import fsync_dir, sha256_file
-from ssl_lab.config_io import parse_override
+from ssl_lab.config_io import parse_override, short
 from ssl_lab.data import imagefolder
 from ssl_lab.data.sources import SOURCES, parse_name
 from ssl_lab.data.splits import Split, count_classes
@@ -60,17 +60,17 @@ class PackOptions:
         for key in ("resolution", "max_side"):
             value = getattr(self, key)
             if value is not None and (not _is_int(value) or value < 1):
-                raise UserError(f"pack option {key} must be a positive integer, got {value!r}")
+                raise UserError(f"pack option {key} must be a positive integer, got {short(value)}")
         if self.resolution is not None and self.max_side is not None:
             raise UserError("give pack option resolution= or max_side=, not both")
         if self.fit not in FITS or self.encoding not in ENCODINGS:
             raise UserError(f"pack options: fit must be one of {', '.join(FITS)} and encoding "
-                            f"one of {', '.join(ENCODINGS)}, got fit={self.fit!r} "
-                            f"encoding={self.encoding!r}")
+                            f"one of {', '.join(ENCODINGS)}, got fit={short(self.fit)} "
+                            f"encoding={short(self.encoding)}")
         if not _is_int(self.quality) or not 1 <= self.quality <= 100 or not _is_int(self.workers) \
                 or self.workers < 1:
             raise UserError(f"pack options: quality must be in 1..100 and workers >= 1, got "
-                            f"quality={self.quality!r} workers={self.workers!r}")
+                            f"quality={short(self.quality)} workers={short(self.workers)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -155,7 +155,7 @@ def folder_plan(folder: imagefolder.FolderIndex, side: int, opts: PackOptions) -
 
     def reader(files: list[Path]) -> Callable[[int], np.ndarray | bytes]:
         def item(i: int) -> np.ndarray | bytes:
-            with imagefolder._open(files[i]) as im:
+            with imagefolder.open_image(files[i]) as im:
                 if opts.encoding == "jpeg" and im.format == "JPEG" and im.mode == mode \
                         and im.size == (side, side):
                     return files[i].read_bytes()  # already what we would write: keep its bytes

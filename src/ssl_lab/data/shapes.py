@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ssl_lab.config_io import short
 from ssl_lab.data.splits import Loaded, Split
 from ssl_lab.errors import UserError
 from ssl_lab.seeding import numpy_rng
@@ -38,7 +39,7 @@ def parse_options(arg: str | None) -> dict[str, int]:
         key = key.strip()
         if key not in DEFAULTS or not value.strip().lstrip("-").isdigit():
             raise UserError(
-                f"bad shapes option {item!r}: use shapes:n=20000,size=32,seed=0 (integers)"
+                f"bad shapes option {short(item)}: use shapes:n=20000,size=32,seed=0 (integers)"
             )
         opts[key] = int(value)
     if opts["n"] < 5 or opts["size"] < 8:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_lab.config_io import short
 from ssl_lab.data import formats
 from ssl_lab.data.imagefolder import check_image_size, load_imagefolder
 from ssl_lab.data.shapes import load_shapes
@@ -49,6 +50,7 @@ from ssl_lab.data.splits import (
 )
 from ssl_lab.data.store import load_packed, read_header
 from ssl_lab.errors import UserError
+from ssl_lab.runtime import short_path
 from ssl_lab.seeding import HOLDOUT_SEED, numpy_rng
 
 __all__ = ["DatasetSplits", "Split", "available_datasets", "load_dataset"]
@@ -252,6 +254,10 @@ def _load_npz(root: str | None, arg: str | None) -> Loaded:
     elif {"images", "labels"} <= arrays.keys():
         data = formats.npz_split(path, arrays["images"], arrays["labels"], "images")
         keep, held = holdout(data.labels, 0.2, HOLDOUT_SEED)
+        if len(held) == 0:  # every class under 3 images: round(0.2 * n) holds none out
+            raise UserError(f"{short_path(path)}: its {len(data)} images are too few to hold out "
+                            "the 20% test split (it would be empty); add images, or save "
+                            "x_train, y_train, x_test, y_test")
         splits = {"train": data.take(keep), "test": data.take(held)}
     else:
         raise UserError(f"{path} has keys {sorted(arrays)}; need {formats.NPZ_LAYOUTS}")
@@ -331,10 +337,10 @@ def parse_name(name: str) -> tuple[str, str | None]:
     kind, sep, arg = name.partition(":")
     kind = kind.strip().lower()
     if kind not in SOURCES:
-        raise UserError(f"unknown dataset {name!r}: choose one of "
+        raise UserError(f"unknown dataset {short(name)}: choose one of "
                         f"{', '.join(available_datasets())}")
     if sep and not SOURCES[kind][1]:
-        raise UserError(f"dataset {kind} takes no ':' argument (got {name!r})")
+        raise UserError(f"dataset {kind} takes no ':' argument (got {short(name)})")
     if kind in ("imagefolder", "npz", "packed") and not arg:
         raise UserError(f"dataset {kind} needs a path: data.name={USAGE[kind]}")
     return kind, arg or None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.seeding import numpy_rng
 
@@ -106,6 +107,15 @@ class DatasetSplits:
         """Whether the probes have labelled train and test images to use."""
         return len(self.train) > 0 and len(self.test) > 0
 
+    def probe_gap(self) -> str:
+        """Why the probes cannot run on these splits ('' when they can)."""
+        if self.has_labels:
+            return ""
+        if len(self.train) == 0:
+            return "has no labelled training images" if len(self.test) else \
+                "has no labelled images"
+        return "has an empty test split (too few labelled images to hold some out)"
+
     @functools.cached_property
     def ssl_train(self) -> Split:
         """What SSL trains on: the labelled train split followed by the unlabelled images."""
@@ -140,7 +150,7 @@ class DatasetSplits:
             target = self.default_target or self.factor_names[0]
         if target not in self.factor_names:
             raise UserError(
-                f"data.target={target!r} is not a factor of {self.name}: "
+                f"data.target={short(target)} is not a factor of {self.name}: "
                 f"choose one of {', '.join(self.factor_names)}"
             )
         if self.train.labels.ndim == 1:
@@ -215,8 +225,11 @@ def subset(train: Split, fraction: float, rng: np.random.Generator) -> Split:
 
 def count_classes(loaded: Loaded) -> list[int]:
     """Max label + 1 per factor over every split (for sources without a fixed class list)."""
-    parts = [s.labels for s in (loaded.train, loaded.val, loaded.test) if s is not None]
-    labels = np.concatenate([p.reshape(len(p), -1) for p in parts])
-    if len(labels) == 0:
+    # an empty split (a test carve too small to hold an image) has no labels to count, and
+    # reshape(0, -1) cannot infer its width: it is skipped
+    parts = [s.labels for s in (loaded.train, loaded.val, loaded.test)
+             if s is not None and len(s.labels)]
+    if not parts:
         return [0] * len(loaded.factor_names)
+    labels = np.concatenate([p.reshape(len(p), -1) for p in parts])
     return [int(v) + 1 for v in labels.max(axis=0)]

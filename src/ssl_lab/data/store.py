@@ -20,7 +20,6 @@ time (`StoreImages`); JSON and `.npy` with allow_pickle=False only, nothing is u
 from __future__ import annotations
 
 import io
-import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,11 @@ import numpy as np
 import torch
 
 from ssl_lab.checkpoint import sha256_file
+from ssl_lab.config_io import short
 from ssl_lab.data.formats import MAX_CLASSES
 from ssl_lab.data.splits import UNLABELLED, Loaded, Split
 from ssl_lab.errors import UserError
-from ssl_lab.runtime import path_kind
+from ssl_lab.runtime import path_kind, read_json, short_path
 
 FORMAT, VERSION, HEADER = "ssl-lab-store", 1, "header.json"
 
@@ -45,17 +45,15 @@ def read_header(path: str | Path) -> dict[str, Any]:
         partial = list(path.parent.glob(f".{path.name}.partial-*"))
         why = " (an unfinished pack is next to it: run `ssl-lab data pack` again)" if partial \
             else ""
-        raise UserError(f"{path} is not a packed store (no {HEADER}){why}; make one with "
-                        "`ssl-lab data pack SOURCE DEST`")
-    try:
-        header = json.loads((path / HEADER).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path / HEADER} is unreadable ({e}): pack the store again") from None
+        raise UserError(f"{short_path(path)} is not a packed store (no {HEADER}){why}; make one "
+                        "with `ssl-lab data pack SOURCE DEST`")
+    header = read_json(path / HEADER, "store header", "pack the store again")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise UserError(f"{path / HEADER} is not an ssl-lab store header: pack the store again")
+        raise UserError(f"{short_path(path / HEADER)} is not an ssl-lab store header: pack the "
+                        "store again")
     if header.get("version") != VERSION:
-        raise UserError(f"{path} is store version {str(header.get('version'))[:20]}, this ssl-lab "
-                        f"reads version {VERSION}: pack it again")
+        raise UserError(f"{short_path(path)} is store version {short(header.get('version'), 20)}, "
+                        f"this ssl-lab reads version {VERSION}: pack it again")
     problem = _header_problem(header)
     if problem:
         raise UserError(f"{path / HEADER} is damaged ({problem}): pack the store again")
@@ -93,7 +91,7 @@ def _header_problem(header: dict[str, Any]) -> str | None:
         if key not in header:
             return f"no '{key}'"
         if not ok(header[key]):
-            return f"'{key}' is {json.dumps(header[key])[:60]}"
+            return f"'{key}' is {short(header[key])}"
     if len(header["num_classes"]) != len(header["factor_names"]):
         return "num_classes and factor_names differ in length"
     for name, split in header["splits"].items():
@@ -110,7 +108,7 @@ def _split_problem(split: Any, header: dict[str, Any]) -> str | None:
     shape = split.get("shape")
     if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(x) for x in shape)
             and shape[0] == split["count"] and min(shape[1:]) >= 1):
-        return f"shape {json.dumps(shape)[:60]} is not [count, H, W, C]"
+        return f"shape {short(shape)} is not [count, H, W, C]"
     files = split.get("files")
     if not isinstance(files, dict) or set(files) != roles:
         return f"files must be {', '.join(sorted(roles))}"
@@ -120,7 +118,7 @@ def _split_problem(split: Any, header: dict[str, Any]) -> str | None:
             return "a file entry lacks name, bytes or sha256"
         if Path(info["name"]).name != info["name"] or info["name"] in ("", ".", ".."):
             # a name with a folder in it could point anywhere on the machine
-            return f"file name {info['name'][:60]!r} is not a plain file name"
+            return f"file name {short(info['name'])} is not a plain file name"
     return None
 
 

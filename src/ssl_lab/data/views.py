@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ssl_lab.config_io import short
 from ssl_lab.data import augment as A
 from ssl_lab.data import color as C
 from ssl_lab.data import resample as R
@@ -131,7 +132,7 @@ def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None,
     `crop_min_scale` replaces the lower bound of the crop scale; `antialias`: Recipe.antialias.
     """
     if name not in _BUILTIN:
-        raise UserError(f"unknown view recipe {name!r}: use one of {', '.join(RECIPES)}")
+        raise UserError(f"unknown view recipe {short(name)}: use one of {', '.join(RECIPES)}")
     if not noise_std >= 0:
         raise UserError(f"views.noise_std must be >= 0, got {noise_std}")
     recipe = _BUILTIN[name]
@@ -143,7 +144,7 @@ def get_recipe(name: str, *, noise_std: float = 0.1, size: int | None = None,
             recipe = replace(recipe, blur_p=0.5)
     if crop_min_scale is not None:
         if recipe.crop_scale is None:
-            raise UserError(f"views.crop_min_scale: the {name!r} recipe does not crop")
+            raise UserError(f"views.crop_min_scale: the {short(name)} recipe does not crop")
         recipe = replace(recipe, crop_scale=(float(crop_min_scale), recipe.crop_scale[1]))
     if fast is None:
         fast = size is not None and size > _LARGE
@@ -160,9 +161,9 @@ class ViewGenerator:
     def __init__(self, recipe: str | Recipe, size: int, n_views: int = 2, *,
                  noise_std: float = 0.1, fast: bool | None = None) -> None:
         if not isinstance(size, int) or size < 1:
-            raise UserError(f"views.size must be a positive integer, got {size!r}")
+            raise UserError(f"views.size must be a positive integer, got {short(size)}")
         if not isinstance(n_views, int) or n_views < 1:
-            raise UserError(f"views.n must be a positive integer, got {n_views!r}")
+            raise UserError(f"views.n must be a positive integer, got {short(n_views)}")
         if isinstance(recipe, str):
             recipe = get_recipe(recipe, noise_std=noise_std, size=size, fast=fast)
         self.recipe, self.size, self.n_views = recipe, size, n_views

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.data.sources import DatasetSplits
 from ssl_lab.data.views import Recipe, ViewGenerator
 from ssl_lab.errors import UserError
@@ -39,7 +40,7 @@ _RECIPE = Recipe("linear-eval", crop_scale=CROP_SCALE, flip_p=0.5)
 
 def check_layer(encoder: Encoder, layer: str) -> None:
     if layer not in encoder.feature_dims:
-        raise UserError(f"eval.aug_layer={layer!r} is not a layer of this encoder; valid "
+        raise UserError(f"eval.aug_layer={short(layer)} is not a layer of this encoder; valid "
                         f"layers: {', '.join(encoder.layer_names)}")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ssl_lab.runtime import pid_alive
+from ssl_lab.runtime import os_user_error, pid_alive
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _STALE_PREFIX = ".eval-features-"
@@ -118,25 +118,42 @@ class _Binarized(Rows):
         return (self.rows.block(start, stop) > 0).float()
 
 
+# the fix that ends a feature file's OS error (the folder is removed either way)
+_FIX = "set eval.feature_dir to a writable folder with free space"
+
+
 class FeatureWriter:
-    """Appends blocks of one layer's features to DIR/<split>/<layer>.npy (header first)."""
+    """Appends blocks of one layer's features to DIR/<split>/<layer>.npy (header first).
+
+    An OS error (a full disk, a folder made read-only) is one line naming the file."""
 
     def __init__(self, path: Path, n: int, dim: int, dtype: str):
         self.path, self.n, self.dim, self.dtype = path, n, dim, np.dtype(DTYPES[dtype])
         self.rows = 0
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by finish)
+        try:
+            self.file = open(path, "wb")  # noqa: SIM115 (closed by finish)
+        except OSError as exc:
+            raise os_user_error("cannot write the feature file", path, exc, _FIX) from None
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (n, dim)}
-        np.lib.format.write_array_header_1_0(self.file, header)
+        self._guard(lambda: np.lib.format.write_array_header_1_0(self.file, header))
         self.offset = self.file.tell()
+
+    def _guard(self, act) -> None:
+        """`act()`; on an OS error the file is closed and the error becomes one line."""
+        try:
+            act()
+        except OSError as exc:
+            self.file.close()
+            raise os_user_error("cannot write the feature file", self.path, exc, _FIX) from None
 
     def write(self, block: Tensor) -> None:
         arr = block.detach().to("cpu", torch.float32).numpy()
-        np.ascontiguousarray(arr, dtype=self.dtype).tofile(self.file)
+        self._guard(lambda: np.ascontiguousarray(arr, dtype=self.dtype).tofile(self.file))
         self.rows += len(arr)
 
     def finish(self) -> FileRows:
-        self.file.close()
+        self._guard(self.file.close)  # the last buffered bytes reach the disk here
         if self.rows != self.n:
             raise RuntimeError(f"{self.path}: wrote {self.rows} rows, expected {self.n}")
         return FileRows(self.path, self.n, self.dim, self.dtype, self.offset)
@@ -150,20 +167,29 @@ class FeatureDir:
 
     def __init__(self, base: Path, keep_as: Path | None = None):
         base = Path(base)
-        if base.is_dir():
-            remove_stale(base)
-        if keep_as is not None:
-            self.path, self.keep = Path(keep_as), True
-            if self.path.exists():
-                shutil.rmtree(self.path)  # features of an earlier evaluation of the same name
-            self.path.mkdir(parents=True)
-        else:
-            base.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f"{_STALE_PREFIX}{os.getpid()}-", dir=base))
-            self.keep = False
+        where = base if keep_as is None else Path(keep_as)
+        try:  # an unwritable or full eval.feature_dir is one line naming it
+            if base.is_dir():
+                remove_stale(base)
+            if keep_as is not None:
+                self.path, self.keep = Path(keep_as), True
+                if self.path.exists():
+                    shutil.rmtree(self.path)  # features of an earlier evaluation of that name
+                self.path.mkdir(parents=True)
+            else:
+                base.mkdir(parents=True, exist_ok=True)
+                self.path = Path(tempfile.mkdtemp(prefix=f"{_STALE_PREFIX}{os.getpid()}-",
+                                                  dir=base))
+                self.keep = False
+        except OSError as exc:
+            raise os_user_error("cannot make the feature folder", where, exc, _FIX) from None
 
     def writer(self, split: str, layer: str, n: int, dim: int, dtype: str) -> FeatureWriter:
-        (self.path / split).mkdir(exist_ok=True)
+        try:
+            (self.path / split).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise os_user_error("cannot make the feature folder", self.path / split, exc,
+                                _FIX) from None
         return FeatureWriter(self.path / split / f"{layer}.npy", n, dim, dtype)
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ssl_lab.config import Config, load_config
+from ssl_lab.config_io import cut, short
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.data.splits import subset
 from ssl_lab.errors import UserError
@@ -36,8 +37,10 @@ from ssl_lab.eval.features import FeatureDir, FeatureWriter, ImageRows, Rows, re
 from ssl_lab.eval.inputs import to_model_input
 from ssl_lab.eval.metrics import knn_classify, linear_probe
 from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
+from ssl_lab.rundir import check_usable
 from ssl_lab.runtime import (
     autocast,
+    evaluable_run_dir,
     os_error_text,
     os_user_error,
     pick_device,
@@ -78,7 +81,7 @@ def probe_data(cfg: Config, data: DatasetSplits | None = None) -> DatasetSplits:
     if data.name == cfg.data.name:
         data = data.select_target(cfg.data.target)
     if not data.has_labels:
-        raise UserError(f"{data.name} has no labelled train and test images to probe on; "
+        raise UserError(f"{cut(data.name)} cannot be probed: it {data.probe_gap()}; "
                         "evaluate on a labelled dataset: eval.data=NAME (or data= in Python)")
     return data
 
@@ -131,22 +134,23 @@ def select_layers(encoder: Encoder, spec: str | None) -> list[str]:
     asked = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in asked if name not in encoder.feature_dims]
     if unknown or not asked:
-        raise UserError(f"eval.layers: unknown layer(s) {', '.join(unknown) or spec!r}; valid "
+        raise UserError(f"eval.layers: unknown layer(s) {short(', '.join(unknown) or spec)}; valid "
                         f"layers: {', '.join(encoder.layer_names)} (comma-separated, or all)")
     return [name for name in encoder.layer_names if name in asked]
 
 
 def write_features(encoder: Encoder, data: DatasetSplits, layers: list[str], cfg: Config,
-                   device: torch.device, amp_dtype: torch.dtype | None, fdir: FeatureDir
-                   ) -> dict[str, dict[str, Rows]]:
-    """Each split's features of `layers`, written once into `fdir`: {split: {layer: Rows}}."""
+                   device: torch.device, amp_dtype: torch.dtype | None, fdir: FeatureDir,
+                   label: str = "") -> dict[str, dict[str, Rows]]:
+    """Each split's features of `layers`, written once into `fdir`: {split: {layer: Rows}}.
+    `label` prefixes the progress bars ("random-init ": which encoder they are for)."""
     rows = {}
     for split in SPLITS:
         images = getattr(data, split).images
         writers = {name: fdir.writer(split, name, len(images), encoder.feature_dims[name],
                                      cfg.eval.feature_dtype) for name in layers}
         extract_features(encoder, images, layers, cfg.eval.batch_size, device, amp_dtype,
-                         desc=f"features/{split}", out=writers)
+                         desc=f"{label}features/{split}", out=writers)
         rows[split] = {name: writer.finish() for name, writer in writers.items()}
     return rows
 
@@ -160,20 +164,22 @@ def _labels(data: DatasetSplits) -> dict[str, torch.Tensor]:
 
 def evaluate_encoder(encoder: Encoder, data: DatasetSplits, cfg: Config, device: torch.device,
                      amp_dtype: torch.dtype | None,
-                     feature_dir: Callable[[], FeatureDir] | None = None) -> dict[str, dict]:
+                     feature_dir: Callable[[], FeatureDir] | None = None, label: str = ""
+                     ) -> dict[str, dict]:
     """{layer: metrics} for the selected layers; the feature files live in `feature_dir()` (a
-    temporary folder by default) and are gone afterwards unless kept."""
+    temporary folder by default) and are gone afterwards unless kept. `label` prefixes the
+    progress bars (the random-init baseline's read "random-init features/train" ...)."""
     layers = select_layers(encoder, cfg.eval.layers)
     labels = _labels(data)
     budget = cfg.eval.ram_budget_mb << 20
     with (feature_dir or (lambda: FeatureDir(Path(tempfile.gettempdir()))))() as fdir:
-        rows = write_features(encoder, data, layers, cfg, device, amp_dtype, fdir)
+        rows = write_features(encoder, data, layers, cfg, device, amp_dtype, fdir, label)
         return {name: probes.evaluate_layer_rows(
                     rows["train"][name], labels["train"], rows["val"][name], labels["val"],
                     rows["test"][name], labels["test"], num_classes=data.num_classes[0],
                     budget_bytes=budget, device=device, mlp=cfg.eval.mlp, seed=cfg.seed,
                     knn_k=cfg.eval.knn_k, knn_temperature=cfg.eval.knn_temperature)
-                for name in tqdm(layers, desc="probes", leave=False)}
+                for name in tqdm(layers, desc=f"{label}probes", leave=False)}
 
 
 def pixel_features(data: DatasetSplits) -> dict[str, torch.Tensor]:
@@ -279,7 +285,7 @@ def _baselines(report: dict, spec: dict, data: DatasetSplits, cfg: Config, devic
                                                     "std", "backbone")}
     report["random_init"] = cached("random-init", arch_key, lambda: evaluate_encoder(
         random_init_encoder(spec, backbone), data, cfg, device, amp_dtype,
-        lambda: feature_dir("random-init")))
+        lambda: feature_dir("random-init"), label="random-init "))
     pixel_key = data_key | {"eval": {k: v for k, v in settings.items() if k != "layers"}}
     report["pixels"] = cached("pixels", pixel_key, lambda: pixel_baseline(data, cfg, device))
 
@@ -304,9 +310,11 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), *, data: DatasetSplit
     ssl_lab.data) and write eval.json, evals/<dataset>.json and plots/probes[-<dataset>].png.
     A wrapped module's run needs its `backbone` again (see models/encoder.py)."""
     start = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir = evaluable_run_dir(run_dir)  # before any work, as the CLI checks it
     spec = read_spec(run_dir)
     cfg = load_config(run_dir / "config.yaml", list(overrides))
+    if cfg.eval.feature_dir:  # only looks: an unusable folder stops here, not after the encoder
+        check_usable(Path(cfg.eval.feature_dir).expanduser(), "eval.feature_dir")
     if cfg.train.threads:  # as in training: the thread count sets the order of float sums
         torch.set_num_threads(cfg.train.threads)
     device = pick_device()

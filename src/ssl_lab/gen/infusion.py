@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 
 LOG_2PI = math.log(2 * math.pi)
@@ -51,7 +52,7 @@ def loss_weights(steps: int, kind: str = "linear") -> Tensor:
         return torch.ones_like(t)
     if kind == "last":
         return (t == steps).double()
-    raise UserError(f"infusion.weighting must be linear, uniform or last, got {kind!r}")
+    raise UserError(f"infusion.weighting must be linear, uniform or last, got {short(kind)}")
 
 
 # ----------------------------------------------------------------------------- densities
@@ -200,7 +201,7 @@ def build_operator(kind: str, shape: tuple[int, int, int], steps: int, hidden: i
         return MLPOperator(shape, steps, hidden, layers, var_scale, var_min)
     if kind == "conv":
         return ConvOperator(shape, steps, hidden, layers, var_scale, var_min)
-    raise UserError(f"infusion.operator must be mlp or conv, got {kind!r}")
+    raise UserError(f"infusion.operator must be mlp or conv, got {short(kind)}")
 
 
 @contextlib.contextmanager

@@ -12,8 +12,15 @@ import torch
 from tqdm import tqdm
 
 from ssl_lab.gen import infusion as inf
-from ssl_lab.gen.infusion_config import SampleArgs, ScoreSection, check_sample_args, load_run_config
+from ssl_lab.gen.infusion_config import (
+    SampleArgs,
+    ScoreSection,
+    check_sample_args,
+    load_run_config,
+    sample_folder,
+)
 from ssl_lab.gen.infusion_model import Model, generator, load_data, load_model, to_pixels
+from ssl_lab.gen.rcdm_config import check_new_folder
 from ssl_lab.rundir import RunDir
 from ssl_lab.runtime import pick_device
 
@@ -46,14 +53,17 @@ def image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> P
 
 def sample_run(run_dir: Path, args: SampleArgs | None = None) -> dict[str, Path]:
     """samples.png (n final samples) and chain.png (one row per chain: z_0 … x̂) in `args.out`,
-    by default RUN/samples/n<n>-chains<chains>-seed<seed>/ (rewritten by the same command)."""
+    by default RUN/samples/n<n>-chains<chains>-seed<seed>/ (`infusion_config.sample_folder`).
+    That folder must be new or empty unless overwrite=true (checked before the model is
+    loaded): a second call never silently replaces earlier samples."""
     args = args or SampleArgs()
     check_sample_args(args)
     cfg = load_run_config(run_dir)
+    out_dir = sample_folder(run_dir, args)
+    if not args.overwrite:
+        check_new_folder(out_dir)
     device = pick_device()
     model = load_model(run_dir, cfg, device)
-    out_dir = Path(args.out) if args.out else \
-        Path(run_dir) / "samples" / f"n{args.n}-chains{args.chains}-seed{args.seed}"
     final, _ = inf.sample(model.operator, model.prior, args.n, model.steps,
                           generator(device, args.seed))
     _, states = inf.sample(model.operator, model.prior, args.chains, model.steps,

@@ -3,7 +3,6 @@ prior) built from a config, and a trained run's model loaded from its newest che
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +10,12 @@ import numpy as np
 import torch
 
 from ssl_lab import checkpoint as ckpt_io
+from ssl_lab.config_io import short
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.gen import infusion as inf
 from ssl_lab.gen.infusion_config import InfusionConfig
+from ssl_lab.runtime import read_json, short_path
 
 SHAPE_FILE = "shape.json"  # the image shape (C, H, W): the model's spec
 
@@ -58,14 +59,29 @@ def build_model(cfg: InfusionConfig, shape: tuple[int, int, int], device: torch.
 def load_model(run_dir: Path, cfg: InfusionConfig, device: torch.device) -> Model:
     """The operator and prior of a trained run (its newest verified checkpoint)."""
     run_dir = Path(run_dir)
+    shape = read_shape(run_dir)  # the model's size: checked before any checkpoint is read
     found = ckpt_io.find_checkpoint(run_dir)
     if found is None:
-        raise UserError(f"{run_dir} has no complete checkpoint; train it first "
-                        f"(ssl-lab infusion train run.dir={run_dir} resume=true)")
-    if not (run_dir / SHAPE_FILE).is_file():
-        raise UserError(f"{run_dir} has no {SHAPE_FILE}; it was not made by `ssl-lab infusion "
-                        "train`")
-    shape = tuple(json.loads((run_dir / SHAPE_FILE).read_text()))
+        raise UserError(f"{short_path(run_dir)} has no complete checkpoint; train it first "
+                        f"(ssl-lab infusion train run.dir={short_path(run_dir)} resume=true)")
     model = build_model(cfg, shape, device)
     ckpt_io.load_weights(found, model.modules())
     return model
+
+
+MAX_SIDE = 4096  # the model is allocated from shape.json: a damaged one must not ask for TB
+
+
+def read_shape(run_dir: Path) -> tuple[int, int, int]:
+    """The image shape (C, H, W) of a trained run (shape.json), checked."""
+    path = Path(run_dir) / SHAPE_FILE
+    if not path.is_file():
+        raise UserError(f"{short_path(run_dir)} has no {SHAPE_FILE}; it was not made by "
+                        "`ssl-lab infusion train`")
+    fix = "restore it ([channels, height, width] of the training images) or train again"
+    shape = read_json(path, "image shape", fix)
+    if not (isinstance(shape, list) and len(shape) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in shape)):
+        raise UserError(f"{short_path(path)} holds {short(shape)}, not [channels, height, width] "
+                        f"of 1 to {MAX_SIDE} each: the file is damaged; {fix}")
+    return tuple(shape)

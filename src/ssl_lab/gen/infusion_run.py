@@ -30,20 +30,14 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
-    from ssl_lab.gen.infusion_config import (
-        check_infusion_run,
-        check_sample_args,
-        parse_sample_args,
-        sample_folder,
-    )
+    from ssl_lab.gen.infusion_config import check_infusion_run, parse_sample_args
     from ssl_lab.gen.infusion_eval import sample_run
 
     args = parse_sample_args(ns.overrides)  # bad values stop here, before any loading
     run_dir = existing_run_dir(ns.run_dir, "ssl-lab infusion train")
     check_infusion_run(run_dir)
-    # the default folder too must be new (or overwrite=true): the run may have trained further
-    args.out = str(sample_folder(run_dir, args))
-    check_sample_args(args)
+    # the output folder (out=, else the default one) must be new unless overwrite=true:
+    # sample_run checks it before loading the model
     paths = sample_run(run_dir, args)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.runtime import autocast
 
@@ -64,7 +65,7 @@ def parse_channels(spec: str) -> tuple[int, ...]:
         channels = ()
     if not channels or min(channels) <= 0:
         raise UserError(f"unet.channels must look like '32-64-64' (one width per level), "
-                        f"got {spec!r}")
+                        f"got {short(spec)}")
     return channels
 
 

@@ -3,7 +3,6 @@ the model, the encoder run's data, and a trained run loaded for sampling (`load_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.config import Config
-from ssl_lab.config_io import from_dict, read_yaml
+from ssl_lab.config_io import from_dict, read_yaml, short
 from ssl_lab.data.sources import DatasetSplits, load_dataset
 from ssl_lab.errors import UserError
 from ssl_lab.eval.inputs import match_channels
@@ -20,7 +19,7 @@ from ssl_lab.eval.run import extract_features
 from ssl_lab.gen import rcdm
 from ssl_lab.gen.rcdm_config import RCDMConfig, read_run_config
 from ssl_lab.models.encoder import Encoder, encoder_from_spec, load_encoder, read_spec
-from ssl_lab.runtime import pick_device, resolve_precision
+from ssl_lab.runtime import path_kind, pick_device, read_json, resolve_precision, short_path
 
 FEATURE_BATCH = 512
 
@@ -47,12 +46,14 @@ class Built:
 
 def check_encoder_dir(path: str) -> dict:
     """The encoder run's spec (encoder.json); a clear error when it is not an encoder run."""
-    if not path or not Path(path).is_dir():
-        raise UserError(f"encoder run {str(path)[:60]!r} does not exist; pass a directory made "
+    # path_kind: a name longer than the file system allows is one line, not an OSError
+    if not path or path_kind(path, "the encoder run") != "dir":
+        raise UserError(f"encoder run {short_path(path)} does not exist; pass a directory made "
                         "by `ssl-lab train` or `ssl-lab import` as ENCODER_RUN")
-    if not (Path(path) / "config.yaml").is_file():
-        raise UserError(f"{path} is not an ssl-lab run directory (no config.yaml); pass a "
-                        "directory made by `ssl-lab train` or `ssl-lab import` as ENCODER_RUN")
+    if path_kind(Path(path) / "config.yaml", "the encoder run's config") != "file":
+        raise UserError(f"{short_path(path)} is not an ssl-lab run directory (no config.yaml); "
+                        "pass a directory made by `ssl-lab train` or `ssl-lab import` as "
+                        "ENCODER_RUN")
     return read_spec(Path(path))
 
 
@@ -76,7 +77,7 @@ def make_encoder(cfg: RCDMConfig, enc_spec: dict, backbone: torch.nn.Module | No
     else:
         encoder = load_encoder(Path(cfg.encoder), backbone, allow_import)
     if cfg.layer not in encoder.feature_dims:
-        raise UserError(f"layer={cfg.layer!r} is not a layer of this encoder; choose one of "
+        raise UserError(f"layer={short(cfg.layer)} is not a layer of this encoder; choose one of "
                         f"{', '.join(encoder.layer_names)}")
     return encoder.requires_grad_(False)
 
@@ -120,11 +121,40 @@ def encoder_data(cfg: RCDMConfig, fraction: float = 1.0, data: DatasetSplits | N
     return data.select_target(enc_cfg.data.target)
 
 
+# rcdm.json's keys that rebuild the model, and their types; the sizes are bounded since the
+# model is allocated from them (a damaged file must not ask for terabytes)
+SPEC_TYPES = {"layer": str, "dataset": str, "attention": bool, "feature_dim": int,
+              "in_channels": int, "size": int, "content": int, "layers_per_block": int,
+              "norm_groups": int, "channels": list}
+MAX_SPEC_INT = 1 << 16
+
+
+def read_spec_file(run_dir: Path) -> dict:
+    """rcdm.json of a trained run, checked: a damaged file is one line naming it."""
+    path, fix = Path(run_dir) / "rcdm.json", "train the RCDM again (`ssl-lab rcdm train`)"
+    spec = read_json(path, "RCDM spec", fix)
+    if not isinstance(spec, dict):
+        raise UserError(f"{short_path(path)} is not a JSON object: the RCDM spec is damaged; {fix}")
+    for key, kind in SPEC_TYPES.items():
+        value = spec.get(key)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if ok and kind is int:
+            ok = 1 <= value <= MAX_SPEC_INT
+        if ok and kind is list:
+            ok = 1 <= len(value) <= 8 and all(
+                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_SPEC_INT
+                for c in value)
+        if not ok:
+            raise UserError(f"{short_path(path)}: '{key}' is {short(value)}, not a valid "
+                            f"{kind.__name__}: the RCDM spec is damaged; {fix}")
+    return spec
+
+
 def load_run(run_dir: Path) -> Built:
     """A trained RCDM run for sampling/scoring: the EMA weights and its encoder."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    spec = json.loads((run_dir / "rcdm.json").read_text())
+    spec = read_spec_file(run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     encoder = make_encoder(cfg, check_encoder_dir(cfg.encoder))

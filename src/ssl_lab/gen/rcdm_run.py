@@ -14,7 +14,6 @@ The API: `rcdm_config.load_train_config`, `rcdm_train.train_rcdm`,
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ssl_lab.config_io import split_config_args
 from ssl_lab.runtime import existing_run_dir
@@ -30,21 +29,13 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
-    from ssl_lab.gen.rcdm_config import (
-        SampleArgs,
-        check_new_folder,
-        parse_args,
-        read_run_config,
-        sample_folder,
-    )
+    from ssl_lab.gen.rcdm_config import SampleArgs, parse_args
     from ssl_lab.gen.rcdm_sample import sample_command
 
     args = parse_args(SampleArgs, ns.overrides)  # bad values stop here, before any loading
     run_dir = existing_run_dir(ns.run_dir, "ssl-lab rcdm train")
-    # the default folder too: a second `images=` call would replace the first one's samples
-    args.out = str(sample_folder(run_dir, args, read_run_config(run_dir).sample))
-    if not args.overwrite:
-        check_new_folder(Path(args.out))
+    # the output folder (out=, else the default one) must be new unless overwrite=true:
+    # sample_command checks it before loading the model
     paths = sample_command(run_dir, args)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -10,14 +10,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.gen import rcdm
-from ssl_lab.gen.rcdm_build import Built, encoder_channels, encoder_data, features, load_run
-from ssl_lab.gen.rcdm_config import SampleArgs, check_args
-from ssl_lab.models.encoder import read_spec
+from ssl_lab.gen.rcdm_build import (
+    Built,
+    check_encoder_dir,
+    encoder_channels,
+    encoder_data,
+    features,
+    load_run,
+)
+from ssl_lab.gen.rcdm_config import SampleArgs, check_args, check_new_folder, read_run_config, sample_folder
+from ssl_lab.runtime import path_kind, short_path
 from ssl_lab.seeding import SELECT_SEED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_SIDE = 4096  # an images= .npy is copied and resized whole: its side is bounded
 
 
 def select_indices(n_total: int, n: int) -> np.ndarray:
@@ -78,34 +87,49 @@ def load_images(spec: str, in_chans: int, size: int) -> np.ndarray:
     paths = [Path(p) for p in spec.split(",") if p]
     if len(paths) == 1 and paths[0].suffix == ".npy":
         return encoder_channels(_load_npy(paths[0]), in_chans)
-    if len(paths) == 1 and paths[0].is_dir():
-        paths = sorted(p for p in paths[0].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    missing = [str(p) for p in paths if not p.is_file()]
+    if len(paths) == 1 and path_kind(paths[0], "images=") == "dir":
+        folder, paths = paths[0], sorted(p for p in paths[0].iterdir()
+                                         if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"images={short_path(folder)} holds no image files "
+                            f"({', '.join(IMAGE_SUFFIXES)}); pass a folder of images or a .npy")
+    missing = [str(p) for p in paths if path_kind(p, "images=") != "file"]
     if not paths or missing:
-        raise UserError(f"images={spec[:60]!r}: no such image file(s) {missing[:3]}; pass image "
-                        "paths separated by commas, a directory, or a .npy")
+        raise UserError(f"images={short(spec)}: no such image file(s) {short(missing)}; pass "
+                        "image paths separated by commas, a directory, or a .npy")
     return np.stack([_load_image(p, in_chans, size) for p in paths])
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header first: no pixels read
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path} ({str(exc)[:80]}); pass a uint8 .npy") from None
+        raise UserError(f"cannot read {short_path(path)} ({str(exc)[:80]}); pass a uint8 .npy"
+                        ) from None
+    if arr.ndim == 0 or len(arr) == 0:
+        raise UserError(f"{short_path(path)} holds no images (shape {short(arr.shape)}); pass a "
+                        "uint8 .npy of at least one image (N, H, W[, C])")
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or 0 in arr.shape or \
-            (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
-        raise UserError(f"{path} must hold at least one uint8 image (N, H, W[, C]) with C 1 or "
-                        f"3, got {arr.dtype} {arr.shape}")
+            (arr.ndim == 4 and arr.shape[-1] not in (1, 3)) or max(arr.shape[1:3]) > MAX_SIDE:
+        raise UserError(f"{short_path(path)} must hold uint8 images (N, H, W[, C]) with C 1 or "
+                        f"3 and sides up to {MAX_SIDE}, got {arr.dtype} {short(arr.shape)}")
+    arr = np.ascontiguousarray(arr)
     return arr if arr.ndim == 4 else arr[..., None]
 
 
 def _load_image(path: Path, in_chans: int, size: int) -> np.ndarray:
+    """An image file as uint8 (size, size, C): imagefolder's opener (an unreadable file or a
+    decompression bomb is one line naming it) and its 16-bit conversion, resized to fit."""
     from PIL import Image
 
-    try:
-        img = Image.open(path).convert("L" if in_chans == 1 else "RGB")
-    except OSError as exc:
-        raise UserError(f"cannot read image {path} ({exc})") from None
+    from ssl_lab.data.imagefolder import bomb_guard, open_image, to_8bit
+
+    with bomb_guard(), open_image(path) as im:
+        try:
+            img = to_8bit(im).convert("L" if in_chans == 1 else "RGB")
+        except OSError as exc:  # truncated pixel data shows up only on decode
+            raise UserError(f"cannot decode image {short_path(path)} ({str(exc)[:80]}): delete "
+                            "or replace it") from None
     arr = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -121,22 +145,25 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
 
 def sample_command(run_dir: Path, args: SampleArgs) -> dict[str, Path]:
     """`rcdm sample`: grid.png, samples.npz and (interp >= 2) interp.png; returns their paths.
-    The default folder RUN/samples/<settings>/ is rewritten by the same command; an explicit
-    `out=` must be new (checked with the arguments). The CLI (rcdm_run) always passes `out=`:
-    the default folder too must be new there, unless overwrite=true."""
+    They go to out=, else RUN/samples/<settings>/ (`rcdm_config.sample_folder`), which must be
+    new or empty unless overwrite=true: a second call never silently replaces earlier samples.
+    Arguments, the folder and images= are checked before the model is loaded."""
     check_args(args)  # before loading anything (also for a SampleArgs built in Python)
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    s = saved.sample
+    out = sample_folder(run_dir, args, s)
+    if not args.overwrite:
+        check_new_folder(out)
+    images = idx = None
+    if args.images:
+        enc = check_encoder_dir(saved.encoder)
+        images = load_images(args.images, enc["in_chans"], enc["image_size"])
     built = load_run(run_dir)
-    s = built.cfg.sample
     k, steps = pick(args.k, s.k), pick(args.steps, s.steps)
     seed, eta = pick(args.seed, s.seed), pick(args.eta, s.eta)
-    if args.images:
-        enc = read_spec(Path(built.cfg.encoder))
-        images, idx = load_images(args.images, enc["in_chans"], enc["image_size"]), None
-        tag = "images"
-    else:
-        split, n = pick(args.split, "test"), pick(args.n, 8)
-        (images, idx), tag = held_out(built, split, n), f"{split}-n{n}"
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{tag}-k{k}-steps{steps}-seed{seed}"
+    if images is None:
+        images, idx = held_out(built, pick(args.split, "test"), pick(args.n, 8))
     result = sample_images(built, images, k, steps, seed, eta, pick(args.batch_size, s.batch_size))
     paths = {"grid": save_sample_grid(result, out / "grid.png")}
     arrays = dict(result)

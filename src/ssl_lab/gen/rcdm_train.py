@@ -12,7 +12,6 @@ data order are functions of (seed, step) and (seed, epoch): a resumed run is bit
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab import seeding
+from ssl_lab.config_io import short
 from ssl_lab.data.splits import DatasetSplits
 from ssl_lab.errors import UserError
 from ssl_lab.eval.run import extract_features
@@ -42,7 +42,7 @@ from ssl_lab.gen.rcdm_sample import sample_images, save_sample_grid, select_indi
 from ssl_lab.models.encoder import Encoder
 from ssl_lab.optim import lr_at, set_lr
 from ssl_lab.rundir import RunDir
-from ssl_lab.runtime import pick_device, precision_name, resolve_precision
+from ssl_lab.runtime import pick_device, precision_name, read_json, resolve_precision, short_path
 
 PREVIEW_IMAGES = 8
 
@@ -111,12 +111,15 @@ def _check_saved_spec(run: RunDir, spec: dict) -> None:
     path = run.path / "rcdm.json"
     if not run.started or not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "RCDM spec", "start a new run.dir")
+    if not isinstance(saved, dict):
+        raise UserError(f"{short_path(path)} is not a JSON object: the RCDM spec is damaged; start "
+                        "a new run.dir")
     for key, value in spec.items():
         if saved.get(key) != value:
-            raise UserError(f"resume: {key} is {saved.get(key)!r} in {path} but {value!r} now; "
-                            "the encoder run changed since this RCDM was trained; start a new "
-                            "run.dir")
+            raise UserError(f"resume: {key} is {short(saved.get(key))} in {short_path(path)} but "
+                            f"{short(value)} now; the encoder run changed since this RCDM was "
+                            "trained; start a new run.dir")
 
 
 def training_data(plan: Plan, data: DatasetSplits | None = None) -> DatasetSplits:
@@ -219,11 +222,9 @@ def train_rcdm(cfg: RCDMConfig, stop_at_step: int | None = None, *,
                            "rcdm", stop_at_step)
             if not out.interrupted:
                 finish(s, out, wall_start)
-    except BaseException as exc:
+    except BaseException:  # a Ctrl-C carries the run directory (RunDir.take sets it)
         if created and plan.run.path.is_dir() and not any(plan.run.path.iterdir()):
             plan.run.path.rmdir()  # failed before anything was written: leave no directory
-        elif isinstance(exc, KeyboardInterrupt):
-            exc.run_dir = plan.run.path  # the CLI names it and the resume command
         raise
     return plan.run.path
 

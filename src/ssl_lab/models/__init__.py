@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
 from ssl_lab.models.projector import LayerSpec, Projector, parse_projector_spec
@@ -58,10 +59,10 @@ def build_backbone(name: str, *, width: float = 1.0, last_width: int | None = No
     """
     family = "resnet" if name in RESNETS else "vit" if name in VITS else None
     if family is None:
-        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise UserError(f"unknown backbone {short(name)}; choose one of {', '.join(BACKBONES)}")
     unknown = sorted(set(kwargs) - set(_EXTRA[family]))
     if unknown:
-        raise UserError(f"unknown option {unknown[0]!r} for backbone {name}; "
+        raise UserError(f"unknown option {short(unknown[0])} for backbone {name}; "
                         f"valid extra options: {', '.join(_EXTRA[family])}")
     common = dict(width=width, last_width=last_width, in_chans=in_chans, image_size=image_size)
     if family == "resnet":

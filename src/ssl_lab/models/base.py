@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 
 
@@ -38,7 +39,7 @@ class Backbone(nn.Module):
         unknown = [n for n in wanted if n not in self.feature_dims]
         if unknown:
             raise UserError(
-                f"unknown layer {unknown[0]!r} for {self.config['name']}; "
+                f"unknown layer {short(unknown[0])} for {self.config['name']}; "
                 f"valid layers: {', '.join(self.layer_names)}"
             )
         return wanted

@@ -10,7 +10,6 @@ caller opts in (`allow_import=True`, or `--allow-import` on the command line).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.config import ModelConfig
-from ssl_lab.config_io import from_dict
+from ssl_lab.config_io import from_dict, short
 from ssl_lab.errors import UserError
 from ssl_lab.models import Projector, build_backbone
 from ssl_lab.runtime import path_kind, read_json, short_path
@@ -79,7 +78,7 @@ def build_model_backbone(model_cfg: ModelConfig, in_chans: int, image_size: int)
     """A built-in backbone from the model section (ViT keys only for ViTs; 0 = the preset's)."""
     name = model_cfg.backbone
     if name == WRAPPED or name.startswith(IMPORT_PREFIX):
-        raise UserError(f"model.backbone={name!r} is not a built-in backbone: pass the wrapped "
+        raise UserError(f"model.backbone={short(name)} is not a built-in backbone: pass the wrapped "
                         "module as backbone= (Python), or an import: factory with allow_import")
     vit = {arg: getattr(model_cfg, key) for key, arg in VIT_KEYS.items() if getattr(model_cfg, key)}
     if name.startswith("vit"):
@@ -97,7 +96,7 @@ def given_backbone(name: str, backbone: nn.Module | None, allow_import: bool,
     (checked against the widths the run recorded, if any), or an opted-in import: factory."""
     if name.startswith(IMPORT_PREFIX) and backbone is None:
         if not allow_import:
-            raise UserError(f"model.backbone={name!r} would import and run code; ssl-lab only does "
+            raise UserError(f"model.backbone={short(name)} would import and run code; ssl-lab only does "
                             "that when asked: add --allow-import (CLI) or allow_import=True")
         from ssl_lab.models.wrap import load_factory
 
@@ -149,7 +148,7 @@ def check_spec(spec: Any, path: Path) -> dict:
               "backbone": isinstance(spec.get("backbone"), (dict, type(None)))}
     bad = next((k for k, ok in checks.items() if not ok), None)
     if bad:
-        raise UserError(f"{short_path(path)}: '{bad}' is {_short(spec[bad])}, need "
+        raise UserError(f"{short_path(path)}: '{bad}' is {short(spec[bad])}, need "
                         f"{SPEC_KEYS[bad]}: the file is damaged; {fix}")
     try:
         from_dict(spec["model"], ModelConfig, "model.")
@@ -166,11 +165,6 @@ def _numbers(values: Any, n: Any) -> bool:
     return isinstance(values, list) and len(values) == n and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for v in values)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def encoder_from_spec(spec: dict, seed: int = 0, backbone: nn.Module | None = None,

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 
 _TOKEN = re.compile(r"^(\d+)([a-z]*)$")
@@ -87,7 +88,7 @@ def parse_projector_spec(spec: str) -> list[LayerSpec]:
 
 def _parse_token(tok: str, spec: str, last: bool) -> LayerSpec:
     m = _TOKEN.match(tok)
-    bad = f"bad projector spec {spec!r}: token {tok!r}"
+    bad = f"bad projector spec {short(spec)}: token {short(tok)}"
     if m is None or any(f not in _FLAGS for f in m.group(2)):
         raise UserError(f"{bad}; {_HELP}")
     width, flags = int(m.group(1)), m.group(2)
@@ -151,7 +152,7 @@ class Projector(nn.Module):
     def __init__(self, in_dim: int, spec: str):
         super().__init__()
         if not isinstance(in_dim, int) or in_dim < 1:
-            raise UserError(f"projector input width must be a positive integer (got {in_dim!r})")
+            raise UserError(f"projector input width must be a positive integer (got {short(in_dim)})")
         self.spec, self.in_dim = spec, in_dim
         layers = parse_projector_spec(spec)
         widths = [in_dim] + [s.width for s in layers]
@@ -191,5 +192,5 @@ class Projector(nn.Module):
         for n in wanted:
             if n not in self.feature_dims:
                 valid = ", ".join(self.layer_names) or "none (identity projector)"
-                raise UserError(f"unknown projector layer {n!r}; valid layers: {valid}")
+                raise UserError(f"unknown projector layer {short(n)}; valid layers: {valid}")
         return wanted

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
 from ssl_lab.models.small_conv import SmallMapConv2d
@@ -243,12 +244,12 @@ def make_stage(block: type[nn.Module], cin: int, planes: int, n: int, stride: in
 def check_args(name: str, width: float, last_width: int | None, in_chans: int,
                stem: str) -> None:
     if name not in ARCHS:
-        raise UserError(f"unknown ResNet {name!r}; choose one of {', '.join(ARCHS)}")
+        raise UserError(f"unknown ResNet {short(name)}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
-        raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+        raise UserError(f"unknown stem {short(stem)}; choose one of {', '.join(STEMS)}")
     if not width > 0:
         raise UserError(f"model.width must be > 0 (got {width})")
     if last_width is not None and (not isinstance(last_width, int) or last_width < 1):
-        raise UserError(f"model.last_width must be a positive integer or null (got {last_width!r})")
+        raise UserError(f"model.last_width must be a positive integer or null (got {short(last_width)})")
     if in_chans < 1:
         raise UserError(f"in_chans must be >= 1 (got {in_chans})")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
 
@@ -114,7 +115,7 @@ class ViT(Backbone):
     ):
         super().__init__()
         if name not in PRESETS:
-            raise UserError(f"unknown ViT {name!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown ViT {short(name)}; choose one of {', '.join(PRESETS)}")
         given = dict(patch_size=patch_size, dim=dim, depth=depth, heads=heads)
         arch = {k: PRESETS[name][k] if v is None else v for k, v in given.items()}
         check_args(width, last_width, in_chans, image_size, pool, **arch)
@@ -192,15 +193,15 @@ def check_args(width: float, last_width: int | None, in_chans: int, image_size: 
                *, patch_size: int, dim: int, depth: int, heads: int) -> None:
     """UserError naming the first invalid ViT argument and how to fix it."""
     if pool not in POOLS:
-        raise UserError(f"unknown ViT pool {pool!r}; choose one of {', '.join(POOLS)}")
+        raise UserError(f"unknown ViT pool {short(pool)}; choose one of {', '.join(POOLS)}")
     if not width > 0:
         raise UserError(f"model.width must be > 0 (got {width})")
     if last_width is not None and (not isinstance(last_width, int) or last_width < 1):
-        raise UserError(f"model.last_width must be a positive integer or null (got {last_width!r})")
+        raise UserError(f"model.last_width must be a positive integer or null (got {short(last_width)})")
     for key, v in dict(in_chans=in_chans, patch_size=patch_size, dim=dim, depth=depth,
                        heads=heads).items():
         if not isinstance(v, int) or v < 1:
-            raise UserError(f"ViT {key} must be a positive integer (got {v!r})")
+            raise UserError(f"ViT {key} must be a positive integer (got {short(v)})")
     if image_size % patch_size:
         raise UserError(
             f"image_size {image_size} is not divisible by patch_size {patch_size}; "

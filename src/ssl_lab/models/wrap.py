@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ssl_lab.config_io import short
 from ssl_lab.errors import UserError
 from ssl_lab.models.base import Backbone
 from ssl_lab.models.resnet import pool
@@ -52,9 +53,9 @@ class ModuleBackbone(Backbone):
             raise UserError(f"from_module needs a torch.nn.Module, got {type(module).__name__}")
         for key, v in dict(input_size=input_size, in_chans=in_chans).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UserError(f"from_module {key} must be a positive integer (got {v!r})")
+                raise UserError(f"from_module {key} must be a positive integer (got {short(v)})")
         if token_pool not in TOKEN_POOLS:
-            raise UserError(f"unknown token_pool {token_pool!r}; choose one of "
+            raise UserError(f"unknown token_pool {short(token_pool)}; choose one of "
                             f"{', '.join(TOKEN_POOLS)}")
         self.module = module
         self.paths = _layer_paths(module, layers)
@@ -122,7 +123,7 @@ class ModuleBackbone(Backbone):
         missing = [n for n in names if n not in raw]
         if missing:
             path = self.paths[missing[0]] or "<the module itself>"
-            raise UserError(f"layer {missing[0]!r} (sub-module {path!r}) did not run in "
+            raise UserError(f"layer {short(missing[0])} (sub-module {short(path)}) did not run in "
                             f"{type(self.module).__name__}.forward; map it to a sub-module "
                             "that forward calls")
         return {n: raw[n] for n in names}
@@ -131,7 +132,7 @@ class ModuleBackbone(Backbone):
         if isinstance(out, tuple | list):
             out = next((o for o in out if isinstance(o, torch.Tensor)), out)
         if not isinstance(out, torch.Tensor):
-            raise UserError(f"layer {name!r} (sub-module {self.paths[name]!r}) returns "
+            raise UserError(f"layer {short(name)} (sub-module {short(self.paths[name])}) returns "
                             f"{type(out).__name__}, not a tensor or a tuple of tensors; map the "
                             "name to a sub-module that returns a tensor")
         return out
@@ -144,7 +145,7 @@ class ModuleBackbone(Backbone):
             return t[:, 0] if self.token_pool == "cls" else t.mean(dim=1)
         if t.dim() == 2:
             return t
-        raise UserError(f"layer {name!r} (sub-module {self.paths[name]!r}) outputs a "
+        raise UserError(f"layer {short(name)} (sub-module {short(self.paths[name])}) outputs a "
                         f"{t.dim()}-D tensor {tuple(t.shape)}; only (N, C, H, W), (N, T, C) and "
                         "(N, C) can be pooled: map the name to another sub-module")
 
@@ -185,10 +186,10 @@ def _layer_paths(module: nn.Module, layers: Mapping[str, str]) -> dict[str, str]
                         "one entry (the last one is the backbone output)")
     for name, path in layers.items():
         if not isinstance(name, str) or not name.isidentifier() or _PROJ_NAME.fullmatch(name):
-            raise UserError(f"bad layer name {name!r}: use a Python identifier other than "
+            raise UserError(f"bad layer name {short(name)}: use a Python identifier other than "
                             "proj<k> (those name the projector's layers)")
         if not isinstance(path, str):
-            raise UserError(f"layer {name!r} must map to a dotted sub-module path string "
+            raise UserError(f"layer {short(name)} must map to a dotted sub-module path string "
                             f"(got {type(path).__name__})")
         _resolve(module, name, path)
     items = list(layers.items())
@@ -208,9 +209,9 @@ def _resolve(module: nn.Module, name: str, path: str) -> nn.Module:
             parent, scope = "", module
         valid = [f"{parent}.{c}" if parent else c for c, _ in scope.named_children()][:12]
         hint = (f"valid names include: {', '.join(valid)}" if valid else
-                f"{parent!r} has no sub-modules, use it itself" if parent else
+                f"{short(parent)} has no sub-modules, use it itself" if parent else
                 "it has no sub-modules: map the name to '' (the module itself)")
-        raise UserError(f"layer {name!r}: {type(module).__name__} has no sub-module {path!r}; "
+        raise UserError(f"layer {short(name)}: {type(module).__name__} has no sub-module {short(path)}; "
                         f"{hint}") from None
 
 
@@ -240,17 +241,17 @@ def load_factory(spec: str) -> Backbone:
     body = spec[len("import:"):] if isinstance(spec, str) and spec.startswith("import:") else ""
     mod_name, _, attr = body.rpartition(":")
     if not mod_name or not attr:
-        raise UserError(f"bad backbone factory {spec!r}; write import:package.module:factory")
+        raise UserError(f"bad backbone factory {short(spec)}; write import:package.module:factory")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as err:
-        raise UserError(f"cannot import {mod_name!r} for {spec!r} ({err}); make it importable "
+        raise UserError(f"cannot import {short(mod_name)} for {short(spec)} ({err}); make it importable "
                         "(install it or add its folder to PYTHONPATH)") from None
     factory = mod
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
-        raise UserError(f"{mod_name} has no callable {attr!r} (from {spec!r}); name a function "
+        raise UserError(f"{mod_name} has no callable {short(attr)} (from {short(spec)}); name a function "
                         "that takes no arguments and returns a backbone")
     backbone = factory()
     if not isinstance(backbone, Backbone):

@@ -1,7 +1,8 @@
 """Train every config in configs/ on Fashion-MNIST with the main job's budget, then tabulate the
 per-layer linear probes (the Guillotine gap between backbone and projector layers).
 
-    python bench/methods_table.py [--out runs/methods] [--minutes 5] [key=value ...]
+    python bench/methods_table.py [--out runs/methods] [--minutes 5] [--configs a,b]
+        [--raw docs/results/methods_5min] [key=value ...]
 
 Each config is an ordinary run directory under --out; finished ones (summary.json present) are
 skipped, so the script resumes. The markdown table goes to stdout and to --out/methods.md.
@@ -11,7 +12,8 @@ loop (2 epochs of a 30-step subset, first log window skipped) measures its views
 `train.epochs` is set to the epochs that fit in M minutes at that speed, rounded down to 0.01
 (fractional: the cosine schedule then ends on time), and `train.budget_s` = 60 M stops a run
 that turns out slower. The epochs are written to --out/epochs.json, so a resumed or repeated run
-trains the same schedule.
+trains the same schedule. --raw keeps each run's summary.json, eval.json and config.yaml (small
+files, no weights) and epochs.json in the repository, where the table can be regenerated from.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,11 +36,11 @@ from bench_train import full_loop_steps  # noqa: E402
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
-def run_all(out: Path, overrides: list[str], run: bool = True,
-            minutes: float | None = None) -> list[tuple[str, dict]]:
+def run_all(out: Path, overrides: list[str], run: bool = True, minutes: float | None = None,
+            only: list[str] | None = None) -> list[tuple[str, dict]]:
     results = []
     for path in CONFIGS:
-        if path.stem == "default":
+        if path.stem == "default" or only and path.stem not in only:
             continue
         run_dir = out / path.stem
         if not (run_dir / "summary.json").is_file():
@@ -73,6 +76,16 @@ def budget_overrides(path: Path, overrides: list[str], minutes: float, out: Path
     return [f"train.epochs={fitted[path.stem]['epochs']}", f"train.budget_s={60 * minutes}"]
 
 
+def keep_raw(out: Path, raw: Path, names: list[str]) -> None:
+    """Copy each run's small result files (and the fitted epochs) to `raw`."""
+    for name in names:
+        (raw / name).mkdir(parents=True, exist_ok=True)
+        for file in ("summary.json", "eval.json", "config.yaml"):
+            shutil.copy(out / name / file, raw / name / file)
+    if (out / "epochs.json").is_file():
+        shutil.copy(out / "epochs.json", raw / "epochs.json")
+
+
 def table(results: list[tuple[str, dict]]) -> str:
     # every config's layers, in first-seen order: a deeper head (DINO's proj4) gets its column
     layers = list(dict.fromkeys(k for _, s in results for k in s["probes"]))
@@ -97,9 +110,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--no-run", action="store_true", help="only tabulate finished runs")
     parser.add_argument("--minutes", type=float, help="wall-clock budget per config (see above)")
+    parser.add_argument("--configs", help="comma-separated config names (default: all)")
+    parser.add_argument("--raw", type=Path, help="keep each run's result files here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    text = table(run_all(args.out, args.overrides, run=not args.no_run, minutes=args.minutes))
+    only = args.configs.split(",") if args.configs else None
+    results = run_all(args.out, args.overrides, not args.no_run, args.minutes, only)
+    if args.raw:
+        keep_raw(args.out, args.raw, [name for name, _ in results])
+    text = table(results)
     (args.out / "methods.md").write_text(text + "\n")
     print(text)
 

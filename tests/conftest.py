@@ -59,3 +59,8 @@ def interrupt_trainer_at(monkeypatch, trainer_cls, at_step: int):
 
     monkeypatch.setattr(trainer_cls, "train_step", interrupted)
     return real_step
+
+
+def as_shown(err: str) -> str:
+    """stderr as a terminal shows it: a progress bar cleared with carriage returns is gone."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in err.split("\n")).strip()

@@ -1,7 +1,8 @@
 """Files a user or a crash can damage, and OS errors: each ends with one line naming the file (or
 path) and the cause, exit 2, nothing new written; caches are recomputed, never fatal.
 
-One tiny run and one tiny store are made per module; each case damages its own copy.
+One tiny run and one tiny store are made per module; each case damages its own copy. Writes that
+fail half-way and caches that are rebuilt: tests/test_damaged_writes.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_overrides
+from conftest import as_shown, tiny_run_overrides
 from PIL import Image
 
 from ssl_lab import checkpoint as ckpt_io
@@ -267,11 +268,6 @@ CASES = {
 CLASSES = {"rundir", "run files", "sizes", "os", "pickle"}
 
 
-def _as_shown(err: str) -> str:
-    """stderr as a terminal shows it: a progress bar cleared with carriage returns is gone."""
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in err.split("\n")).strip()
-
-
 def _tree(d: Path) -> list:
     return sorted((str(p.relative_to(d)), p.stat().st_size if p.is_file() else -1)
                   for p in d.rglob("*"))
@@ -286,7 +282,7 @@ def test_damaged_file_or_os_error_is_one_line_exit_2(case, made, tmp_path, monke
     setup(made, d, monkeypatch)
     before = _tree(d)
     assert main([a.replace("{d}", str(d)) for a in args]) == 2
-    err = _as_shown(capsys.readouterr().err)
+    err = as_shown(capsys.readouterr().err)
     assert len(err.splitlines()) == 1, err
     line = err
     assert line.startswith("ssl-lab: error: ") and len(line) < 400, err
@@ -294,41 +290,6 @@ def test_damaged_file_or_os_error_is_one_line_exit_2(case, made, tmp_path, monke
     assert "weights_only" not in err
     assert _tree(d) == before  # nothing new: no run directory, no partial store, no temp file
     assert not (tmp_path / "runs").exists()
-
-
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
-    """The second checkpoint hits a full disk: one line naming it; the first one survives."""
-    run = tmp_path / "r"
-    real, calls = ckpt_io._write_bytes, []
-
-    def fills_up(path, data):
-        calls.append(path)
-        if len(calls) > 3:  # the first checkpoint's weights, state and meta are written
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data)
-
-    monkeypatch.setattr(ckpt_io, "_write_bytes", fills_up)
-    args = tiny_run_overrides(run, **{"train.epochs": 2, "train.ckpt_every_steps": 4,
-                                      "eval.enabled": False})
-    assert main(["train", *args]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "cannot write checkpoint" in line and "step-0000008" in line, line
-    assert "No space left on device" in line and "checkpoint, step-0000004, is kept" in line, line
-    assert "resume=true" in line
-    kept = ckpt_io.find_checkpoint(run)
-    assert kept.name == "step-0000004" and ckpt_io.verify(kept)
-    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")] == []
-
-
-def test_permission_error_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ckpt_io, "_write_bytes", lambda *a: (_ for _ in ()).throw(
-        PermissionError(errno.EACCES, os.strerror(errno.EACCES))))
-    run = tmp_path / "r"
-    args = tiny_run_overrides(run, **{"train.epochs": 1, "eval.enabled": False})
-    assert main(["train", *args]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "checkpoints/step-" in line and "Permission denied" in line, line
-    assert not list((run / "checkpoints").iterdir())
 
 
 def test_damaged_baseline_cache_entry_is_recomputed_with_a_warning(made, tmp_path, monkeypatch,
@@ -352,19 +313,6 @@ def test_damaged_baseline_cache_entry_is_recomputed_with_a_warning(made, tmp_pat
         assert isinstance(json.loads(entry.read_text())["result"], dict)
 
 
-def test_unwritable_cache_after_training_keeps_the_results(tmp_path, monkeypatch, capsys):
-    """The baseline cache cannot be created (SSL_LAB_CACHE lies under a file): a warning, and
-    the run's eval.json and summary.json are written all the same."""
-    (tmp_path / "file").write_text("x")
-    monkeypatch.setenv("SSL_LAB_CACHE", str(tmp_path / "file" / "cache"))
-    run = tmp_path / "r"
-    assert main(["train", *tiny_run_overrides(run, **{"train.epochs": 1})]) == 0
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
-    assert warnings and all("cannot write the baseline cache" in w for w in warnings), warnings
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["best_layer"] and (run / "eval.json").is_file()
-
-
 def test_damaged_export_json_is_one_line(made, tmp_path):
     run = _copy(made, tmp_path, RUN)
     assert main(["export", str(run), "layer=backbone", f"out={tmp_path / 'ex'}"]) == 0
@@ -381,69 +329,3 @@ def test_damaged_export_json_is_one_line(made, tmp_path):
     meta.write_text("")
     with pytest.raises(UserError, match="export.json is empty"):
         load_exported(tmp_path / "ex")
-
-
-def test_damaged_imagefolder_cache_is_decoded_again(tmp_path, capsys):
-    from ssl_lab.data.sources import load_dataset
-
-    for c in ("a", "b"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.new("L", (10, 10), 30 * i + 100 * (c == "b")).save(tmp_path / "imgs" / c / f"{i}.png")
-    first = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
-    (header,) = (tmp_path / "cache" / "imagefolder").glob("*/header.json")
-    header.write_text('{"format": "ssl-lab-store", "version": 1}')  # keys missing
-    capsys.readouterr()
-    again = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "damaged imagefolder cache" in err[0] and "decoding" in err[0], err
-    assert np.array_equal(np.asarray(first.train.images), np.asarray(again.train.images))
-    assert json.loads(header.read_text())["splits"]  # written again whole
-
-
-def test_damaged_jpeg_in_a_store_names_the_image(tmp_path):
-    from ssl_lab.data.store import open_store
-
-    rng = np.random.default_rng(1)
-    np.savez(tmp_path / "s.npz", images=rng.integers(0, 256, (20, 16, 16), dtype=np.uint8),
-             labels=np.arange(20) % 2)
-    assert main(["data", "pack", f"npz:{tmp_path / 's.npz'}", str(tmp_path / "st"),
-                 "encoding=jpeg"]) == 0
-    blobs = tmp_path / "st" / "train.jpeg"
-    raw = bytearray(blobs.read_bytes())
-    raw[:64] = bytes(64)  # the first image's header, same file size
-    blobs.write_bytes(bytes(raw))
-    images = open_store(tmp_path / "st").images("train")
-    with pytest.raises(UserError, match="image 0 of .*train.jpeg is damaged"):
-        images[np.arange(2)]
-    offsets = tmp_path / "st" / "train.offsets.npy"
-    np.save(offsets, np.load(offsets)[::-1].copy())  # same size, no longer an index
-    with pytest.raises(UserError, match="train.offsets.npy is damaged"):
-        open_store(tmp_path / "st").images("train")
-
-
-def test_full_disk_writing_summary_json_is_one_line(tmp_path, monkeypatch, capsys):
-    import ssl_lab.rundir as rundir_mod
-
-    real = rundir_mod.write_text_atomic
-
-    def full(path, text):
-        if Path(path).name == "summary.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, text)
-
-    monkeypatch.setattr(rundir_mod, "write_text_atomic", full)
-    run = tmp_path / "r"
-    assert main(["train", *tiny_run_overrides(run, **{"train.epochs": 1, "eval.enabled": False})]) == 2
-    line = _as_shown(capsys.readouterr().err).splitlines()[-1]
-    assert line == f"ssl-lab: error: cannot write {run / 'summary.json'}: No space left on device; " \
-        "free disk space", line
-    assert ckpt_io.find_checkpoint(run) is not None  # the training itself is kept
-
-
-@pytest.mark.parametrize("label", [2_000_000_000, -3])
-def test_from_arrays_bounds_the_number_of_classes(label):
-    from ssl_lab.data import from_arrays
-
-    with pytest.raises(UserError, match=r"train_labels has labels outside \[0, 100,000\)"):
-        from_arrays(_X, np.where(_Y > 0, label, 0))

@@ -8,8 +8,8 @@ WORK/store-N (`ssl-lab data pack`; the npz is deleted afterwards). One short run
 the smallest store (only its encoder matters: the main job's architecture by default). Then
 `python -m ssl_lab eval RUN data.name=packed:WORK/store-N eval.baselines=false` runs in a
 child process, once with `eval.layers=backbone,proj1` and once with every layer; the parent
-records the child's wall time, its peak RSS (the kernel's VmHWM, from wait4) and, sampled every
-0.2 s from /proc, the peaks of its anonymous and file-backed resident memory (pages of the
+records the child's wall time and, sampled every 0.2 s from /proc, its peak RSS (the kernel's
+VmHWM) and the peaks of its anonymous and file-backed resident memory (pages of the
 store's memory map count in RSS until released). `--baselines` adds the random-init and
 raw-pixel baselines. Val and test keep their size, so the kNN's work grows linearly with N.
 
@@ -95,8 +95,13 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def measure(command: list[str]) -> dict:
-    """Run `command`; its wall time, peak RSS (wait4) and sampled anon / file RSS peaks."""
-    peaks = {"RssAnon": 0, "RssFile": 0}
+    """Run `command`; its wall time, peak RSS and sampled anon / file RSS peaks.
+
+    The peak RSS is the child's VmHWM read from /proc every 0.2 s (a high-water mark, so only a
+    peak in the last 0.2 s could be missed). Not wait4's ru_maxrss: Linux starts the child's
+    high-water mark at the size of the forked parent, before exec, and this parent holds the
+    synthetic images it generated."""
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = threading.Event()
@@ -109,7 +114,7 @@ def measure(command: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(child.pid, 0)
+    _, status, _usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -117,7 +122,7 @@ def measure(command: list[str]) -> dict:
     err = child.stderr.read().decode(errors="replace")
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{err[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": usage.ru_maxrss // 1024,
+    return {"wall_s": round(wall, 2), "peak_rss_mb": peaks["VmHWM"],
             "peak_rss_anon_mb_sampled": peaks["RssAnon"],
             "peak_rss_file_mb_sampled": peaks["RssFile"]}
 
@@ -147,6 +152,20 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def table(result: dict) -> str:
+    """docs/eval.md's table, from the JSON this script writes (`--table`)."""
+    lines = ["| store | eval.layers | wall | peak RSS | peak anon RSS | solvers |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        solvers = ", ".join(sorted({v["solver"] for v in r["layers"].values()}))
+        lines.append(f"| {r['n_train']:,} | {r['eval_layers']} | {r['wall_s']:.0f} s | "
+                     f"{r['peak_rss_mb']:,} MB | {r['peak_rss_anon_mb_sampled']:,} MB | {solvers} |")
+    for layers, q in sorted(result["ratios_largest_over_smallest"].items()):
+        lines.append(f"| ×{q['size']:g} | {layers} | ×{q['wall_time']} | ×{q['peak_rss']} | "
+                     f"×{q['peak_rss_anon']} | |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="50000,500000", help="train images per store")
@@ -159,11 +178,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train", nargs="*", default=["train.epochs=0.02"],
                         help="overrides of the short run whose encoder is probed")
     parser.add_argument("--eval", nargs="*", default=[], help="extra `ssl-lab eval` overrides")
+    parser.add_argument("--table", action="store_true", help="print the table of --out; run nothing")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        result = json.loads(args.out.read_text())
+        print(table(result))
+        return result
     args.work.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     stores = {n: make_store(args.work, n, args) for n in sizes}

@@ -1,8 +1,8 @@
 """Bring your own network and your own arrays: pretrain with SimCLR, probe every named layer,
 export the best one, and condition an RCDM on a layer of your choice.
 
-    python examples/own_backbone.py            # ~2 minutes on a laptop CPU
-    python examples/own_backbone.py --tiny     # a few seconds (what the test suite runs)
+    python examples/own_backbone.py            # the full example (20 SSL epochs on digits)
+    python examples/own_backbone.py --tiny     # tiny sizes: what the test suite runs
 
 The images here are scikit-learn's 8x8 digits upscaled to 16 px, standing in for whatever
 uint8 (N, H, W, C) arrays you have.

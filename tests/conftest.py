@@ -64,3 +64,33 @@ def interrupt_trainer_at(monkeypatch, trainer_cls, at_step: int):
 def as_shown(err: str) -> str:
     """stderr as a terminal shows it: a progress bar cleared with carriage returns is gone."""
     return "\n".join(line.rsplit("\r", 1)[-1] for line in err.split("\n")).strip()
+
+
+def checkpoint_weights(run):
+    """The tensors of a run's newest complete checkpoint."""
+    from safetensors.torch import load_file
+
+    from ssl_lab import checkpoint as ckpt_io
+
+    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
+
+
+def same_weights(a, b) -> bool:
+    """Two runs' newest checkpoints hold bit-identical tensors under the same names."""
+    import torch
+
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def snapshot(run) -> dict:
+    """Every file of a run directory with its bytes and modification time."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    """The single `ssl-lab: error: ...` line a user mistake prints."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
+    return err[0]

@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt_trainer_at
-from safetensors.torch import load_file
+from conftest import interrupt_trainer_at, one_line_error, same_weights, snapshot
 
 from ssl_lab.checkpoint import find_checkpoint
 from ssl_lab.cli import main
@@ -244,27 +243,6 @@ def _cli(argv: list[str]) -> None:
     ns.func(ns)
 
 
-def _weights(run) -> dict[str, torch.Tensor]:
-    return load_file(str(find_checkpoint(run) / "weights.safetensors"))
-
-
-def _same_weights(a, b) -> bool:
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def _snapshot(run) -> dict[str, tuple[bytes, int]]:
-    """Every file of a run directory with its bytes and modification time."""
-    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
-    return err[0]
-
-
 def test_cli_train_sample_score(tmp_path, capsys):
     run = tmp_path / "run"
     _cli(["infusion", "train", *_tiny(run)])
@@ -296,14 +274,14 @@ def test_cli_train_sample_score(tmp_path, capsys):
     (["n"], "not key=value")])
 def test_sample_arguments_are_checked(tmp_path, capsys, args, message):
     assert main(["infusion", "sample", str(tmp_path), *args]) == 2
-    assert message in _one_line_error(capsys)
+    assert message in one_line_error(capsys)
 
 
 def test_sample_refuses_to_overwrite_an_explicit_out(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "samples.png").write_bytes(b"keep")
     assert main(["infusion", "sample", str(tmp_path), f"out={tmp_path / 'old'}"]) == 2
-    assert "already exists" in _one_line_error(capsys)
+    assert "already exists" in one_line_error(capsys)
     assert (tmp_path / "old" / "samples.png").read_bytes() == b"keep"
 
 
@@ -317,7 +295,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path):
     assert not (crash / "summary.json").exists()
     assert main(["infusion", "train", f"run.dir={crash}", "resume=true"]) == 0
     assert json.loads((crash / "env.json").read_text())["resumed_at_step"] == 2
-    assert _same_weights(full, crash)
+    assert same_weights(full, crash)
 
 
 def test_ctrl_c_names_the_run_and_its_resume_command(tmp_path, monkeypatch, capsys):
@@ -346,22 +324,22 @@ def test_more_epochs_on_resume_equal_a_longer_run(tmp_path):
                                                              **{"train.epochs": 4})))
     short = train_infusion(load_infusion_config(None, _tiny(tmp_path / "b")))
     assert main(["infusion", "train", f"run.dir={short}", "resume=true", "train.epochs=4"]) == 0
-    assert _same_weights(longer, short)
+    assert same_weights(longer, short)
 
 
 def test_rejected_resume_and_second_writer_change_nothing(tmp_path, capsys):
     run = train_infusion(load_infusion_config(None, _tiny(tmp_path / "r",
                                                           **{"train.epochs": 1})))
-    before = _snapshot(run)
+    before = snapshot(run)
     capsys.readouterr()
     assert main(["infusion", "train", f"run.dir={run}", "resume=true", "infusion.steps=5"]) == 2
-    assert "infusion.steps is 3" in _one_line_error(capsys)
+    assert "infusion.steps is 3" in one_line_error(capsys)
     assert main(["infusion", "train", f"run.dir={run}", "resume=true", "train.epochs=0"]) == 2
-    assert "train.epochs" in _one_line_error(capsys)
+    assert "train.epochs" in one_line_error(capsys)
     with RunDir(run).lock():
         assert main(["infusion", "train", f"run.dir={run}", "resume=true"]) == 2
-        assert "in use by pid" in _one_line_error(capsys)
-    assert _snapshot(run) == before
+        assert "in use by pid" in one_line_error(capsys)
+    assert snapshot(run) == before
 
 
 def test_conv_operator_trains_end_to_end(tmp_path):
@@ -380,4 +358,4 @@ def test_training_from_a_packed_store_equals_training_from_its_source(tmp_path):
     store, _ = pack("digits", tmp_path / "store", progress=False)
     runs = [train_infusion(load_infusion_config(None, _tiny(tmp_path / name, **{"data.name": data})))
             for name, data in (("src", "digits"), ("packed", f"packed:{store}"))]
-    assert _same_weights(*runs)
+    assert same_weights(*runs)

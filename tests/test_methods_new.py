@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_overrides
-from safetensors.torch import load_file
+from conftest import checkpoint_weights, tiny_run_overrides
 from torch import nn
 
-from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.config import MethodConfig, ModelConfig, OptimConfig, load_config
 from ssl_lab.errors import UserError
 from ssl_lab.methods import Progress, SSLModel, byol_momentum, get_method, teacher_temperature
@@ -283,10 +281,6 @@ def test_without_a_fixed_lr_module_the_groups_are_unchanged():
 # ----------------------------------------------------------------------------- training runs
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
-
-
 def test_dino_resume_is_bit_exact_with_center_and_temperature_schedule(tmp_path):
     """Multi-crop DINO killed mid-run (during the teacher-temperature warm-up, after the last
     layer was unfrozen) and resumed ends with the uninterrupted run's weights and center."""
@@ -300,7 +294,7 @@ def test_dino_resume_is_bit_exact_with_center_and_temperature_schedule(tmp_path)
     train(load_config(None, crashed), stop_at_step=7)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
     train(load_config(None, [*crashed, "resume=true"]))
-    a, b = _weights(straight), _weights(tmp_path / "b")
+    a, b = checkpoint_weights(straight), checkpoint_weights(tmp_path / "b")
     assert a.keys() == b.keys() and "model.center" in a
     assert a["model.center"].abs().sum() > 0
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import one_line_error, same_weights, snapshot
 
 pytest.importorskip("diffusers")
 
@@ -162,29 +162,6 @@ TINY = ["unet.size=16", "unet.channels=16-32", "data.fraction=0.1", "train.batch
         "train.epochs=2", "train.preview=false", "train.ckpt_every_steps=3", "sample.steps=3"]
 
 
-def _weights(run) -> dict[str, torch.Tensor]:
-    from ssl_lab import checkpoint as ckpt_io
-
-    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
-
-
-def _same_weights(a, b) -> bool:
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def _snapshot(run) -> dict[str, tuple[bytes, int]]:
-    """Every file of a run directory with its bytes and modification time."""
-    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
-    return err[0]
-
-
 def test_train_resume_sample_score(encoder_run, tmp_path):
     """A crashed run resumed with the short form `rcdm train run.dir=X resume=true` (the saved
     config.yaml rebuilds it, ENCODER_RUN left out) ends bit-exact with the uninterrupted one."""
@@ -201,7 +178,7 @@ def test_train_resume_sample_score(encoder_run, tmp_path):
     assert main(["rcdm", "train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
     resumed = tmp_path / "b"
     # Noise, timesteps and data order are functions of (seed, step): resuming is bit-exact.
-    assert _same_weights(full, resumed)
+    assert same_weights(full, resumed)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == json.loads((resumed / "summary.json").read_text())["steps"]
     env = json.loads((resumed / "env.json").read_text())
@@ -228,18 +205,18 @@ def test_rejected_resume_and_second_writer_change_nothing(encoder_run, tmp_path,
     run = tmp_path / "r"
     assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}", *TINY,
                  "train.epochs=1"]) == 0
-    before = _snapshot(run)
+    before = snapshot(run)
     capsys.readouterr()
     assert main(["rcdm", "train", f"run.dir={run}", "resume=true", "unet.size=32"]) == 2
-    assert "unet.size is 16" in _one_line_error(capsys)
+    assert "unet.size is 16" in one_line_error(capsys)
     assert main(["rcdm", "train", str(tmp_path), f"run.dir={run}", "resume=true"]) == 2
-    assert "trained on encoder" in _one_line_error(capsys)
+    assert "trained on encoder" in one_line_error(capsys)
     assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}"]) == 2  # no resume=true
-    assert "already exists" in _one_line_error(capsys)
+    assert "already exists" in one_line_error(capsys)
     with RunDir(run).lock():
         assert main(["rcdm", "train", f"run.dir={run}", "resume=true"]) == 2
-        assert "in use by pid" in _one_line_error(capsys)
-    assert _snapshot(run) == before
+        assert "in use by pid" in one_line_error(capsys)
+    assert snapshot(run) == before
     # the keys documented as safe may change: the same encoder given again is accepted too
     assert main(["rcdm", "train", str(encoder_run), f"run.dir={run}", "resume=true",
                  "train.budget_s=600", "sample.k=2"]) == 0
@@ -264,7 +241,7 @@ def test_fp16_uses_a_grad_scaler_and_resumes_exactly(encoder_run, tmp_path):
     train_rcdm(load_train_config(str(encoder_run), [f"run.dir={tmp_path / 'b'}", *fp16]),
                stop_at_step=3)
     assert main(["rcdm", "train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
-    assert _same_weights(full, tmp_path / "b")
+    assert same_weights(full, tmp_path / "b")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -277,7 +254,7 @@ def test_sample_arguments_are_checked(tmp_path, capsys, args, message):
     from ssl_lab.cli import main
 
     assert main(["rcdm", "sample", str(tmp_path), *args]) == 2
-    assert message in _one_line_error(capsys)
+    assert message in one_line_error(capsys)
 
 
 def test_sample_and_score_refuse_before_loading(tmp_path, capsys):
@@ -286,14 +263,14 @@ def test_sample_and_score_refuse_before_loading(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "grid.png").write_bytes(b"keep")
     assert main(["rcdm", "sample", str(tmp_path), f"out={tmp_path / 'old'}"]) == 2
-    assert "already exists" in _one_line_error(capsys)
+    assert "already exists" in one_line_error(capsys)
     assert (tmp_path / "old" / "grid.png").read_bytes() == b"keep"
     assert main(["rcdm", "score", str(tmp_path), "n=1"]) == 2
-    assert "n must be >= 2" in _one_line_error(capsys)
+    assert "n must be >= 2" in one_line_error(capsys)
     assert main(["rcdm", "sample", str(tmp_path), "k=2"]) == 2
-    assert "not an RCDM run" in _one_line_error(capsys)
+    assert "not an RCDM run" in one_line_error(capsys)
     assert main(["rcdm", "score", str(tmp_path / "missing"), "n=10"]) == 2
-    assert "does not exist" in _one_line_error(capsys)
+    assert "does not exist" in one_line_error(capsys)
 
 
 def test_bad_layer_and_key_are_user_errors(encoder_run, tmp_path):

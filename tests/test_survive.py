@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_overrides
-from safetensors.torch import load_file
+from conftest import checkpoint_weights, tiny_run_overrides
 
 from ssl_lab import checkpoint as ckpt_io
 from ssl_lab.cli import main
@@ -25,10 +24,6 @@ from ssl_lab.train_loop import train
 
 EXTRA = {"eval.enabled": False, "train.ckpt_every_steps": 1, "train.epochs": 3,
          "train.threads": 1}
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt_io.find_checkpoint(run) / ckpt_io.WEIGHTS))
 
 
 def _last_step(run: Path) -> int:
@@ -54,7 +49,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: mid-step or mid-save
     proc.wait()
     assert main(["train", f"run.dir={tmp_path / 'b'}", "resume=true"]) == 0
-    a, b = _weights(straight), _weights(tmp_path / "b")
+    a, b = checkpoint_weights(straight), checkpoint_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), f"resume after kill at step ~{target} differs"
 
@@ -91,7 +86,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
     calls.update(n=0, bad=lambda n: n == 5)
     cfg = load_config(None, tiny_run_overrides(tmp_path / "s", **EXTRA, **{"train.on_nan": "skip"}))
     run = train(cfg)
-    assert all(torch.isfinite(t).all() for t in _weights(run).values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in checkpoint_weights(run).values() if t.is_floating_point())
     assert _last_step(run) == 12
 
 

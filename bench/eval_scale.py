@@ -161,6 +161,8 @@ def table(result: dict) -> str:
         lines.append(f"| {r['n_train']:,} | {r['eval_layers']} | {r['wall_s']:.0f} s | "
                      f"{r['peak_rss_mb']:,} MB | {r['peak_rss_anon_mb_sampled']:,} MB | {solvers} |")
     for layers, q in sorted(result["ratios_largest_over_smallest"].items()):
+        if q["size"] == 1:  # one size: no ratio to show
+            continue
         lines.append(f"| ×{q['size']:g} | {layers} | ×{q['wall_time']} | ×{q['peak_rss']} | "
                      f"×{q['peak_rss_anon']} | |")
     return "\n".join(lines)

@@ -192,6 +192,33 @@ def test_feature_dir_context_removes_its_folder(tmp_path):
     assert not rows.path.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_file_blocks_are_the_file_rows_and_scratch(tmp_path, dtype):
+    """File blocks share one buffer (valid until the next block) and are the rows block() reads;
+    a probe may change them in place without touching the file or a caller's tensor."""
+    x = torch.randn(1000, 7).relu()
+    with FeatureDir(tmp_path) as fdir:
+        writer = fdir.writer("train", "x", 1000, 7, dtype)
+        writer.write(x[:600])
+        writer.write(x[600:])
+        rows = writer.finish()
+        want = x.half().float() if dtype == "float16" else x
+        seen = []
+        for start, block in rows.blocks(300):  # 4 near-equal blocks of 250
+            assert torch.equal(block, want[start:start + len(block)])
+            assert torch.equal(block, rows.block(start, start + len(block)))
+            seen.append(block.data_ptr())
+            block.fill_(-1.0)  # scratch
+        assert len(seen) == 4 and len(set(seen)) == 1  # one buffer for every block
+        assert torch.equal(rows.materialize(), want)  # the file is untouched
+        binary = [b.clone() for _, b in rows.binarized().blocks(300)]
+        assert torch.equal(torch.cat(binary), (want > 0).float())
+    tensor = TensorRows(x)
+    for _, block in tensor.blocks(300):
+        block.fill_(-1.0)
+    assert float(x.min()) >= 0  # a tensor's blocks are copies
+
+
 # ----------------------------------------------------------------------------- augmented
 @pytest.fixture
 def bright_dark_npz(tmp_path):

@@ -41,14 +41,21 @@ class Rows:
     def block(self, start: int, stop: int) -> Tensor:
         raise NotImplementedError
 
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
-        """(start, rows start..start+len-1) for consecutive blocks of at most block_rows, of
-        near-equal sizes: no tiny last block, for which BLAS picks other kernels whose float
-        rounding differs (a kNN tie must not depend on where a block ends)."""
+    def spans(self, block_rows: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) of consecutive blocks of at most block_rows, of near-equal sizes: no
+        tiny last block, for which BLAS picks other kernels whose float rounding differs (a kNN
+        tie must not depend on where a block ends)."""
         count = max(1, math.ceil(self.n / max(1, int(block_rows))))
         size = math.ceil(self.n / count) if self.n else 1
         for start in range(0, self.n, size):
-            yield start, self.block(start, min(self.n, start + size))
+            yield start, min(self.n, start + size)
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+        """(start, rows start..stop-1) for the blocks of `spans`. A block is scratch: the caller
+        may change it in place, and it is valid only until the next one is yielded (a file's
+        blocks share one buffer), so a part kept longer must be copied."""
+        for start, stop in self.spans(block_rows):
+            yield start, self.block(start, stop)
 
     def materialize(self) -> Tensor:
         return self.block(0, self.n)
@@ -68,7 +75,7 @@ class TensorRows(Rows):
         self.x, (self.n, self.dim) = x, x.shape
 
     def block(self, start: int, stop: int) -> Tensor:
-        return self.x[start:stop].float()
+        return self.x[start:stop].to(torch.float32, copy=True)  # scratch: never the caller's x
 
 
 def release_pages(images) -> None:
@@ -98,16 +105,37 @@ class FileRows(Rows):
     """Rows of a .npy feature file, read with positioned reads."""
 
     def __init__(self, path: Path, n: int, dim: int, dtype: np.dtype, offset: int):
-        self.path, self.n, self.dim, self.dtype, self.offset = path, n, dim, np.dtype(dtype), offset
+        self.path, self.n, self.dim, self.dtype = path, n, dim, np.dtype(dtype)
+        self.offset = offset
+
+    def _read(self, f, start: int, stop: int, into: np.ndarray) -> np.ndarray:
+        count = (stop - start) * self.dim
+        f.seek(self.offset + start * self.dim * self.dtype.itemsize)
+        part = into[:count]
+        if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+            raise OSError(f"{self.path} is shorter than its header says")
+        return part.reshape(stop - start, self.dim)
 
     def block(self, start: int, stop: int) -> Tensor:
-        count = (stop - start) * self.dim
         with open(self.path, "rb") as f:
-            f.seek(self.offset + start * self.dim * self.dtype.itemsize)
-            data = np.fromfile(f, self.dtype, count)
-        if data.size != count:
-            raise OSError(f"{self.path} is shorter than its header says")
-        return torch.from_numpy(data.reshape(stop - start, self.dim)).float()
+            data = self._read(f, start, stop, np.empty((stop - start) * self.dim, self.dtype))
+        return torch.from_numpy(data).float()
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+        """One file handle and one buffer for every block: a fresh buffer per block would be
+        page-faulted in again each time, which costs as much as the read itself."""
+        spans = list(self.spans(block_rows))
+        if not spans:
+            return
+        rows = max(stop - start for start, stop in spans)
+        buffer = np.empty(rows * self.dim, self.dtype)
+        as_float = None if self.dtype == np.float32 else torch.empty(rows, self.dim)
+        with open(self.path, "rb") as f:
+            for start, stop in spans:
+                x = torch.from_numpy(self._read(f, start, stop, buffer))
+                if as_float is not None:
+                    x = as_float[:stop - start].copy_(x)
+                yield start, x
 
 
 class _Binarized(Rows):
@@ -116,6 +144,14 @@ class _Binarized(Rows):
 
     def block(self, start: int, stop: int) -> Tensor:
         return (self.rows.block(start, stop) > 0).float()
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+        out = mask = None
+        for start, x in self.rows.blocks(block_rows):
+            if out is None or len(out) < len(x):
+                out, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
+            torch.gt(x, 0, out=mask[:len(x)])
+            yield start, out[:len(x)].copy_(mask[:len(x)])
 
 
 # the fix that ends a feature file's OS error (the folder is removed either way)

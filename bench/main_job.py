@@ -76,6 +76,29 @@ def run(src: Path, overrides: list[str], avx2: bool) -> dict:
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def commit_of(src: Path) -> str | None:
+    """The short commit of the tree `src` belongs to (None outside git)."""
+    out = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def table(paths: list[Path]) -> str:
+    """One row per JSON this script wrote: docs/RESULTS.md's main-job tables (bench/report.py)."""
+    lines = ["| tree | wall | train s | eval s | backbone test top-1 (best on val) | raw pixels "
+             "| peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        r = json.loads(path.read_text())
+        s = r["summary"]
+        tree = r.get("tag") or path.stem
+        if r.get("commit"):
+            tree += f" ({r['commit']})"
+        lines.append(f"| {tree} | {r['wall_s']:.0f} s | {s['train_s']:.0f} | {s['eval_s']:.0f} | "
+                     f"{100 * s['probes'][s['best_layer']]:.2f} % | {100 * s['pixel_probe']:.2f} % "
+                     f"| {r['peak_rss_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("src", type=Path)
@@ -83,8 +106,9 @@ def main() -> None:
     parser.add_argument("--avx2", action="store_true")
     parser.add_argument("--tag", default="")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    result = run(args.src, args.overrides, args.avx2) | {"tag": args.tag}
+    args = parser.parse_intermixed_args()  # overrides may follow --tag
+    result = run(args.src, args.overrides, args.avx2) | {"tag": args.tag,
+                                                         "commit": commit_of(args.src)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     s = result["summary"]

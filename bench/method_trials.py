@@ -69,10 +69,23 @@ def table(raw: Path) -> str:
         if not path.is_file():
             continue
         r = json.loads(path.read_text())
-        over = " ".join(r["overrides"])
-        lines.append(f"| {r['config']} | {f'`{over}`' if over else ''} | "
+        lines.append(f"| {r['config']} | {_shown(r['overrides'])} | "
                      f"{r['last']['online/backbone']:.3f} | {r['last']['loss']:.3f} |")
     return "\n".join(lines)
+
+
+# what an override means, shown after it in the table
+NOTES = {"optim.weight_decay=0.0001": "the authors' ImageNet values",
+         "model.projector=1024b-1024b-256u-4096w": "BN + ReLU",
+         DINO_HEAD: "the authors' head", "model.projector=1024g-1024g-256u-256w": "K = 256: ln K = 5.545"}
+
+
+def _shown(overrides: list[str]) -> str:
+    """The overrides in code style; a lone override with a note gets it in parentheses."""
+    if not overrides:
+        return ""
+    note = NOTES.get(overrides[-1]) if len(overrides) <= 2 else None
+    return f"`{' '.join(overrides)}`" + (f" ({note})" if note else "")
 
 
 def main() -> None:

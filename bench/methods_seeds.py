@@ -77,7 +77,9 @@ def table(raw: Path) -> str:
                  for k in layers]
         best = ", ".join(sorted({e["best_layer"] for e in evals}))
         knn = _mean_std([e["layers"][e["best_layer"]]["knn_test"] for e in evals])
-        epochs = ", ".join(sorted({f"{s['epochs']:.2f}" for s in summaries}))
+        # `*`: train.budget_s stopped that run before its schedule ended (bench/methods_table.py)
+        epochs = ", ".join(sorted({f"{s['epochs']:.2f}" + ("*" if s.get("stopped_by_budget")
+                                                           else "") for s in summaries}))
         lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells)
                      + f" | {best} | {knn} | {epochs} |")
     return "\n".join(lines)

@@ -13,7 +13,9 @@ loop (2 epochs of a 30-step subset, first log window skipped) measures its views
 (fractional: the cosine schedule then ends on time), and `train.budget_s` = 60 M stops a run
 that turns out slower. The epochs are written to --out/epochs.json, so a resumed or repeated run
 trains the same schedule. --raw keeps each run's summary.json, eval.json and config.yaml (small
-files, no weights) and epochs.json in the repository, where the table can be regenerated from.
+files, no weights) under RAW/<config>/seed<seed>/ and epochs.json in the repository; a repeat
+with another `seed=` and the same epochs.json (copy it into the new --out first) adds seeds,
+and `python bench/methods_seeds.py table --raw RAW` gives mean ± std over them.
 """
 
 from __future__ import annotations
@@ -77,11 +79,14 @@ def budget_overrides(path: Path, overrides: list[str], minutes: float, out: Path
 
 
 def keep_raw(out: Path, raw: Path, names: list[str]) -> None:
-    """Copy each run's small result files (and the fitted epochs) to `raw`."""
+    """Copy each run's small result files to raw/<config>/seed<seed>/ (the layout
+    `bench/methods_seeds.py table` reads) and the fitted epochs to raw/epochs.json."""
     for name in names:
-        (raw / name).mkdir(parents=True, exist_ok=True)
+        seed = load_config(out / name / "config.yaml").seed
+        keep = raw / name / f"seed{seed}"
+        keep.mkdir(parents=True, exist_ok=True)
         for file in ("summary.json", "eval.json", "config.yaml"):
-            shutil.copy(out / name / file, raw / name / file)
+            shutil.copy(out / name / file, keep / file)
     if (out / "epochs.json").is_file():
         shutil.copy(out / "epochs.json", raw / "epochs.json")
 

@@ -51,6 +51,32 @@ def test_methods_table_fits_the_epochs_of_the_budget(tmp_path, monkeypatch):
     assert table.budget_overrides(config, overrides, 1.0, out)[0] == "train.epochs=0.01"
 
 
+def test_methods_table_keeps_raw_files_per_config_and_seed_for_the_seeds_table(
+        tmp_path, monkeypatch):
+    from ssl_lab.config_io import to_dict
+
+    table = _bench("methods_table", monkeypatch)
+    seeds = _bench("methods_seeds", monkeypatch)
+    layers = {"backbone": 0.80, "proj1": 0.70}
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        out = tmp_path / f"out{seed}"
+        run = out / "simclr"
+        run.mkdir(parents=True)
+        cfg = load_config(ROOT / "configs" / "simclr.yaml", [f"seed={seed}"])
+        (run / "config.yaml").write_text(json.dumps(to_dict(cfg)))  # JSON is YAML
+        (run / "summary.json").write_text(json.dumps(
+            {"epochs": 4.4, "stopped_by_budget": seed == 1}))
+        (run / "eval.json").write_text(json.dumps({"best_layer": "backbone", "layers": {
+            k: {"linear_test": v + shift, "knn_test": v} for k, v in layers.items()}}))
+        (out / "epochs.json").write_text("{}")
+        table.keep_raw(out, tmp_path / "raw", ["simclr"])
+    assert sorted(p.name for p in (tmp_path / "raw" / "simclr").iterdir()) == ["seed0", "seed1"]
+    assert (tmp_path / "raw" / "epochs.json").is_file()
+    row = seeds.table(tmp_path / "raw").splitlines()[-1]
+    # backbone 80 and 82 -> 81.00 ± 1.41; seed 1 was stopped by its budget
+    assert row == "| simclr | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 | backbone | 80.00 ± 0.00 | 4.40, 4.40* |"
+
+
 def test_eval_profile_times_every_layer(tmp_path, monkeypatch, capsys):
     profile = _bench("eval_profile", monkeypatch)
     run = train(load_config(None, tiny_run_overrides(tmp_path / "r", **{"eval.enabled": False})))

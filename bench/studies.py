@@ -1,7 +1,26 @@
-"""The layer / width / cheap-SSL studies (docs/RESULTS.md, "Studies"; tables in docs/studies/).
+"""The layer / width / cheap-SSL studies (docs/RESULTS.md, "Studies"; tables in docs/studies/):
+their definitions (the scales, STUDIES, their runs), running, freezing and the command line;
+`report`'s tables and plots are in bench/study_report.py.
 
     python bench/studies.py run    [--scale cpu|gpu] [--seeds 3] [--worker 0/2] [--out runs/studies]
     python bench/studies.py report [--scale cpu|gpu] [--seeds 3] [--out runs/studies] [--docs docs/studies]
+    python bench/studies.py freeze [--scale cpu|gpu]
+    python bench/studies.py list   [--scale cpu|gpu] [--seeds 3]
+
+Every study run's protocol is frozen: bench/study_protocols/<scale>/<run>.yaml holds every key
+of the config, as a run directory's config.yaml does, except seed and run.dir. `run` builds a
+run's config from that file alone plus `seed=` and `run.dir=` (an extra evaluation adds its own
+overrides), so neither configs/*.yaml nor ssl_lab.config's defaults, which both move, change a
+study, and a file that lacks a key of today's config schema stops `run` rather than take the
+key's default. Bit-exact numbers also need the code the studies ran with (docs/RESULTS.md:
+commit 6cec663, before the small-map convolutions changed the order of float sums).
+
+`freeze` (re)writes those files from the published protocol: bench/study_protocols/
+published_defaults.yaml (the defaults of commit 26957dd, which the published runs used, and
+every key added since at the value that reproduces them) <- configs/<method>.yaml <- the scale
+<- the run's overrides, with views at the image size (26957dd's `views.size=0`). Re-freezing is a
+deliberate step: a new config key first needs its value in published_defaults.yaml (freeze and
+tests/test_studies.py fail until then); review the diff of the frozen files before committing.
 
 `run` trains every run the studies need (each an ordinary run directory under --out, shared
 between studies: the SimCLR baseline serves the Guillotine, width and cheap-SSL tables) and
@@ -18,14 +37,11 @@ at the cpu scale). `report` writes markdown tables and plots of whatever has fin
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ssl_lab.eval.run import dataset_tag
-from ssl_lab.plots import plt, save_figure  # headless backend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {
@@ -49,28 +65,34 @@ SHAPES_FACTORS = ("shape", "colour", "x", "y", "scale")
 WIDTHS = (32, 128, 512, 2048)
 NOISE_STDS = (0.1, 0.4)
 PROJ_DIMS = (16, 256)
-# The defaults every study run used: lr 2e-3, features extracted under the training
-# precision (bf16 here) and last_width 512. All three defaults have moved since
-# (docs/RESULTS.md: "How the defaults were chosen", "Evaluation precision"); pinning them keeps
-# the documented runs' settings (bit-exact numbers need commit 6cec663, before the small-map
-# convs changed the float order). A config file's own value and a scale or run override still
-# win.
-STUDY_DEFAULTS = {"optim.lr": 0.002, "eval.precision": "train", "model.last_width": 512}
-IMAGE_SIZES = {"fashion-mnist": 28}  # for the view-size pin of study_config
+PROTOCOLS = ROOT / "bench" / "study_protocols"  # <scale>/<run name>.yaml: frozen, complete
+PUBLISHED_DEFAULTS = PROTOCOLS / "published_defaults.yaml"  # what freeze starts from
+PER_RUN = ("seed", "run.dir")  # set by `run` for each seed; in no frozen file
+# `views.size=0` meant the dataset's own image size at 26957dd (Fashion-MNIST's default view
+# size is 20 px since): freeze writes the size out
+IMAGE_SIZES = {"fashion-mnist": 28, "shapes": 32}
 NO_BASELINES = ("eval.baselines=false",)  # their random-init floor is the SimCLR architecture's
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run (name = directory) and the extra `ssl-lab eval` override lists it needs."""
+    """One training run: its protocol's name (PROTOCOLS/<scale>/<name>.yaml), the config and
+    overrides that protocol was frozen from, the extra `ssl-lab eval` override lists it needs
+    and, once seeded, its seed."""
 
     name: str
     config: str
     overrides: tuple[str, ...] = ()
     evals: tuple[tuple[str, ...], ...] = ()
+    seed: int | None = None
+
+    @property
+    def dir_name(self) -> str:
+        """The run directory's name: <name>-s<seed>."""
+        return f"{self.name}-s{self.seed}"
 
     def seeded(self, seed: int) -> Run:
-        return Run(f"{self.name}-s{seed}", self.config, (*self.overrides, f"seed={seed}"), self.evals)
+        return replace(self, seed=seed)
 
 
 def _barlow(d: int, scaled: bool, views: int = 2, fraction: float | None = None) -> Run:
@@ -91,7 +113,7 @@ def _barlow(d: int, scaled: bool, views: int = 2, fraction: float | None = None)
     )
 
 
-# the SimCLR baseline (last_width 512, pinned in STUDY_DEFAULTS) doubles as the width study's 512 point
+# the SimCLR baseline (last_width 512 in the published protocol) doubles as the width study's 512 point
 SIMCLR = Run("simclr", "simclr", ("eval.mlp=true",), evals=(TRANSFER,))
 STUDIES: dict[str, list[Run]] = {
     # Guillotine Regularization: per-layer probes in and out of distribution; weak vs strong
@@ -145,14 +167,18 @@ STUDIES: dict[str, list[Run]] = {
 }
 
 
+def protocol_runs() -> list[Run]:
+    """Every distinct run, unseeded: one frozen protocol each."""
+    unique: dict[str, Run] = {}
+    for runs in STUDIES.values():
+        for run in runs:
+            unique.setdefault(run.name, run)
+    return list(unique.values())
+
+
 def all_runs(seeds: int) -> list[Run]:
     """Every distinct run, seed by seed (seed 0 of every study first)."""
-    unique = {}
-    for seed in range(seeds):
-        for runs in STUDIES.values():
-            for run in runs:
-                unique.setdefault(run.seeded(seed).name, run.seeded(seed))
-    return list(unique.values())
+    return [run.seeded(seed) for seed in range(seeds) for run in protocol_runs()]
 
 
 # ----------------------------------------------------------------------------- running
@@ -165,28 +191,29 @@ def eval_tag(overrides: tuple[str, ...], cfg_path: Path) -> str:
     return dataset_tag(cfg.data.name, cfg.data.target)
 
 
-def study_config(run: Run, out: Path, scale: tuple[str, ...]):
-    """The run's config: its YAML, the pinned defaults, the scale, its overrides, and views at
-    the image size wherever `views.size=0` means a smaller default (Fashion-MNIST: 20 px; every
-    study ran with 28-px views, before that default)."""
+def protocol_path(run: Run, scale: str) -> Path:
+    return PROTOCOLS / scale / f"{run.name}.yaml"
+
+
+def study_config(run: Run, out: Path, scale: str):
+    """The seeded run's config: its frozen protocol, `seed=` and `run.dir=`, nothing else."""
     from ssl_lab.config import load_config
-    from ssl_lab.data.sources import VIEW_SIZES
 
-    path = ROOT / "configs" / f"{run.config}.yaml"
-    overrides = [*pinned_defaults(path), *scale, *run.overrides, f"run.dir={out / run.name}"]
-    cfg = load_config(path, overrides)
-    if cfg.views.size == 0 and cfg.data.name in VIEW_SIZES:
-        cfg = load_config(path, [*overrides, f"views.size={IMAGE_SIZES[cfg.data.name]}"])
-    return cfg
+    path = protocol_path(run, scale)
+    fix = (f"give the key its published value in {_shown(PUBLISHED_DEFAULTS)}, then "
+           f"`python bench/studies.py freeze --scale {scale}`")
+    read_complete(path, fix)
+    return load_config(path, [f"seed={run.seed}", f"run.dir={out / run.dir_name}"])
 
 
-def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
+def execute(run: Run, out: Path, scale: str) -> None:
     from ssl_lab.eval.run import evaluate_run
     from ssl_lab.sweep import run_point
 
-    run_dir = out / run.name
+    run_dir = out / run.dir_name
     cfg = study_config(run, out, scale)
-    failure = run_point(run.name, cfg, run_dir, "[study]", _train)
+    check_saved(run_dir, cfg)
+    failure = run_point(run.dir_name, cfg, run_dir, "[study]", _train)
     if failure or not (run_dir / "summary.json").is_file():
         return
     for overrides in run.evals:
@@ -194,17 +221,20 @@ def execute(run: Run, out: Path, scale: tuple[str, ...]) -> None:
             evaluate_run(run_dir, list(overrides))
 
 
-def pinned_defaults(config_path: Path) -> list[str]:
-    """STUDY_DEFAULTS as overrides, except the keys the config file sets itself."""
-    from ssl_lab.config_io import read_yaml
+def check_saved(run_dir: Path, cfg) -> None:
+    """Stop at a run directory trained by another config (e.g. by the defaults of the day,
+    before the protocols were frozen): skipping or resuming it would mix protocols."""
+    from ssl_lab.config_io import flatten, read_yaml, to_dict
 
-    tree = read_yaml(config_path)
-
-    def sets(key: str) -> bool:
-        section, leaf = key.split(".")
-        return leaf in (tree.get(section) or {})
-
-    return [f"{key}={value}" for key, value in STUDY_DEFAULTS.items() if not sets(key)]
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved, frozen = flatten(read_yaml(path)), flatten(to_dict(cfg))
+    differ = [k for k, v in frozen.items() if k not in ("resume", "run.dir") and saved.get(k, v) != v]
+    if differ:
+        shown = ", ".join(f"{k} {saved[k]!r} (frozen: {frozen[k]!r})" for k in differ[:4])
+        raise SystemExit(f"{_shown(run_dir)} was trained with another config: {shown}"
+                         f"{' ...' if len(differ) > 4 else ''}; move it away to rerun it")
 
 
 def _train(cfg) -> None:
@@ -213,353 +243,91 @@ def _train(cfg) -> None:
     train(cfg)
 
 
-# ----------------------------------------------------------------------------- reading results
+# ----------------------------------------------------------------------------- freezing
 
 
-@dataclass
-class Seeds:
-    """One named run family across seeds: the eval report per dataset tag, and summaries."""
+def missing_keys(tree: dict) -> list[str]:
+    """The keys of today's config schema, but PER_RUN, that a config tree does not set."""
+    from ssl_lab.config import Config
+    from ssl_lab.config_io import all_keys, flatten
 
-    name: str
-    reports: list[dict] = field(default_factory=list)  # one per seed, for one eval tag
-    summaries: list[dict] = field(default_factory=list)
-
-
-def load(out: Path, name: str, seeds: int, tag: str | None = None) -> Seeds:
-    family = Seeds(name)
-    for seed in range(seeds):
-        run_dir = out / f"{name}-s{seed}"
-        if not (run_dir / "summary.json").is_file():
-            continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        path = run_dir / "evals" / f"{tag or dataset_tag(summary['dataset'])}.json"
-        if path.is_file():
-            family.reports.append(json.loads(path.read_text()))
-            family.summaries.append(summary)
-    return family
+    given = flatten(tree)
+    return [key for key in all_keys(Config) if key not in given and key not in PER_RUN]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def read_complete(path: Path, fix: str) -> dict:
+    """A frozen config tree, which must set every key but PER_RUN: no default leaks in."""
+    from ssl_lab.config_io import read_yaml
+
+    if not path.is_file():
+        raise SystemExit(f"{_shown(path)} is missing: `python bench/studies.py freeze` writes it")
+    tree = read_yaml(path)
+    missing = missing_keys(tree)
+    if missing:
+        raise SystemExit(f"{_shown(path)} does not set {', '.join(missing)} (new config keys?): {fix}")
+    return tree
 
 
-def cell(values: list[float], scale: float = 100.0) -> str:
-    m, s = mean_std([scale * v for v in values])
-    return "-" if m != m else f"{m:.1f} ± {s:.1f}"
+def published_config(run: Run, scale: str):
+    """(config, overrides) of the run as published: PUBLISHED_DEFAULTS <- configs/<method>.yaml
+    <- the scale <- the run's overrides, and views at the image size where `views.size=0`."""
+    from ssl_lab.config import RESUME_SAFE_KEYS, Config, validate
+    from ssl_lab.config_io import load_typed
+
+    fix = "give each new key the value that reproduces the published runs (as the keys marked there)"
+    base = read_complete(PUBLISHED_DEFAULTS, fix)
+    path = ROOT / "configs" / f"{run.config}.yaml"
+    overrides = [*SCALES[scale], *run.overrides]
+    cfg = load_typed(Config, path, overrides, RESUME_SAFE_KEYS, validate, base=base)
+    if cfg.views.size == 0:
+        overrides.append(f"views.size={IMAGE_SIZES[cfg.data.name]}")
+        cfg = load_typed(Config, path, overrides, RESUME_SAFE_KEYS, validate, base=base)
+    return cfg, overrides
 
 
-def layer_values(fam: Seeds, layer: str, key: str = "linear_test", source: str = "layers") -> list[float]:
-    return [r[source][layer][key] for r in fam.reports if layer in r.get(source, {})]
+def freeze(scale: str, dest: Path = PROTOCOLS) -> list[Path]:
+    """Write every run's complete protocol to dest/<scale>/<name>.yaml (the config as a run
+    directory's config.yaml holds it, but PER_RUN); remove the files of runs that are gone."""
+    import yaml
+
+    from ssl_lab.config_io import to_dict
+    from ssl_lab.runtime import write_text_atomic
+
+    paths = []
+    for run in protocol_runs():
+        cfg, overrides = published_config(run, scale)
+        tree = to_dict(cfg)
+        del tree["seed"], tree["run"]["dir"]  # PER_RUN
+        path = dest / scale / f"{run.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, _header(run, scale, overrides) + yaml.safe_dump(tree, sort_keys=False))
+        paths.append(path)
+    for stale in set((dest / scale).glob("*.yaml")) - set(paths):
+        stale.unlink()
+    return paths
 
 
-def metric(fam: Seeds, fn: Callable[[dict], float]) -> list[float]:
-    return [fn(r) for r in fam.reports]
+def _header(run: Run, scale: str, overrides: list[str]) -> str:
+    text = (f"Study run {run.name}, {scale} scale: its published protocol, every config key but "
+            f"seed and run.dir (set per run by `python bench/studies.py run`). Frozen by "
+            f"`python bench/studies.py freeze --scale {scale}` from published_defaults.yaml "
+            f"(commit 26957dd's defaults; keys added since are marked there) <- "
+            f"configs/{run.config}.yaml <- {' '.join(overrides)}")
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 96, break_on_hyphens=False))
 
 
-def layers_of(fam: Seeds) -> list[str]:
-    return list(fam.reports[0]["layers"]) if fam.reports else []
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def per_layer_table(families: list[Seeds], random_init: bool = True) -> str:
-    """Linear-probe test top-1 per layer, mean ± std over seeds, + best layer (on val) counts."""
-    layers = next((layers_of(f) for f in families if f.reports), [])
-    head = "| run | seeds | " + " | ".join(layers) + " | best layer (val) | backbone − last |"
-    lines = [head, "|" + "---|" * (len(layers) + 4)]
-    for fam in families:
-        if not fam.reports:
-            continue
-        gap = [
-            r["layers"]["backbone"]["linear_test"] - r["layers"][layers[-1]]["linear_test"]
-            for r in fam.reports
-        ]
-        best = ", ".join(sorted(r["best_layer"] for r in fam.reports))
-        lines.append(
-            f"| {fam.name} | {len(fam.reports)} | "
-            + " | ".join(cell(layer_values(fam, k)) for k in layers)
-            + f" | {best} | {cell(gap)} |"
-        )
-    if random_init:
-        fam = next((f for f in families if f.reports and "random_init" in f.reports[0]), None)
-        if fam:
-            lines.append(
-                f"| random-init ({fam.name} arch) | {len(fam.reports)} | "
-                + " | ".join(cell(layer_values(fam, k, source="random_init")) for k in layers)
-                + " | | |"
-            )
-            pix = [r["pixels"]["linear_test"] for r in fam.reports if "pixels" in r]
-            lines += ["", f"Raw pixels, same probe: {cell(pix)} ({len(pix)} seeds)."]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- the reports
-
-
-def report_guillotine(out: Path, seeds: int, img: Path) -> str:
-    names = ["simclr", "vicreg", "simclr-weak", "supcon"]
-    parts = [
-        "## Guillotine: per-layer linear probe (test top-1 %, mean ± std over seeds)",
-        "",
-        "### In distribution (Fashion-MNIST)",
-        "",
-        per_layer_table([load(out, n, seeds) for n in names]),
-        "",
-        "### Transfer to digits (encoder frozen, images resized to 28 px)",
-        "",
-        per_layer_table([load(out, n, seeds, "digits") for n in names]),
-        "",
-    ]
-    parts += [
-        "### kNN top-1 per layer (Fashion-MNIST)",
-        "",
-        _knn_table([load(out, n, seeds) for n in names]),
-        "",
-        "### kNN top-1 per layer (transfer to digits)",
-        "",
-        _knn_table([load(out, n, seeds, "digits") for n in names]),
-        "",
-    ]
-    factor_fams = [load(out, "simclr-shapes", seeds, f"shapes-{f}") for f in SHAPES_FACTORS]
-    for fam, factor in zip(factor_fams, SHAPES_FACTORS, strict=True):
-        fam.name = f"factor: {factor}"
-    own = load(out, "simclr-shapes", seeds)  # its own evaluation: the default factor, shape
-    floor = [f"| random-init, factor: shape | {len(own.reports)} | "
-             + " | ".join(cell(layer_values(own, k, source="random_init")) for k in layers_of(own))
-             + " | | |"] if own.reports else []
-    parts += [
-        "### shapes: one SimCLR encoder, probed per factor",
-        "",
-        "\n".join([per_layer_table(factor_fams, random_init=False), *floor]),
-        "",
-    ]
-    _plot_layers(
-        [load(out, n, seeds) for n in names],
-        img / "study-guillotine.png",
-        "Fashion-MNIST, linear probe per layer",
-    )
-    _plot_layers(factor_fams, img / "study-guillotine-shapes.png", "shapes: SimCLR layers per factor")
-    return "\n".join(parts)
-
-
-def _knn_table(families: list[Seeds]) -> str:
-    layers = next((layers_of(f) for f in families if f.reports), [])
-    lines = ["| run | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 1)]
-    for fam in families:
-        if fam.reports:
-            lines.append(
-                f"| {fam.name} | " + " | ".join(cell(layer_values(fam, k, "knn_test")) for k in layers) + " |"
-            )
-    return "\n".join(lines)
-
-
-def report_width(out: Path, seeds: int, img: Path) -> str:
-    head = (
-        "| method | last_width | seeds | backbone linear | best layer linear | digits transfer (backbone) "
-        "| zero frac | binarised gap | MLP − linear | RankMe | random-init backbone | random-init digits |"
-    )
-    lines = [
-        "## Expand/Narrow: last_width with the projector fixed (backbone layer unless said)",
-        "",
-        head,
-        "|" + "---|" * 12,
-    ]
-    curves: dict[str, dict[str, list]] = {}
-    for method in ("simclr", "supervised"):
-        for w in WIDTHS:
-            name = "simclr" if (method, w) == ("simclr", 512) else f"{method}-lw{w}"
-            fam, tr = load(out, name, seeds), load(out, name, seeds, "digits")
-            if not fam.reports:
-                continue
-            rows = {
-                "backbone linear": layer_values(fam, "backbone"),
-                "best layer linear": metric(fam, lambda r: r["layers"][r["best_layer"]]["linear_test"]),
-                "digits transfer": layer_values(tr, "backbone"),
-                "zero frac": layer_values(fam, "backbone", "zero_frac"),
-                "binarised gap": metric(
-                    fam,
-                    lambda r: (
-                        r["layers"]["backbone"]["linear_test"] - r["layers"]["backbone"]["binarized_test"]
-                    ),
-                ),
-                "MLP − linear": metric(
-                    fam,
-                    lambda r: (
-                        r["layers"]["backbone"].get("mlp_test", float("nan"))
-                        - r["layers"]["backbone"]["linear_test"]
-                    ),
-                ),
-            }
-            rank = mean_std(layer_values(fam, "backbone", "rankme"))
-            floors = [cell(layer_values(f, "backbone", source="random_init")) for f in (fam, tr)]
-            lines.append(
-                f"| {method} | {w} | {len(fam.reports)} | "
-                + " | ".join(cell(v) for v in rows.values())
-                + f" | {rank[0]:.1f} | {floors[0]} | {floors[1]} |"
-            )
-            for key, values in rows.items():
-                curves.setdefault(key, {}).setdefault(method, []).append((w, *mean_std(values)))
-    _plot_width(curves, img / "study-width.png")
-    return "\n".join(lines)
-
-
-def report_cheap(out: Path, seeds: int, img: Path) -> str:
-    names = ["simclr", "simclr-neg1", *(f"simclr-noise{s}" for s in NOISE_STDS), "simclr-b32"]
-    lines = [
-        "## Cheap SSL: SimCLR variants (test top-1 %, mean ± std over seeds)",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    floor = None
-    for name in names:
-        fam = load(out, name, seeds)
-        if not fam.reports:
-            continue
-        floor = floor or fam
-        lines.append(_cheap_row(name, fam))
-    if floor:
-        rnd = metric(floor, lambda r: max(v["linear_test"] for v in r["random_init"].values()))
-        lines.append(f"| random-init floor (its best layer) | {len(rnd)} | | {cell(rnd)} | | |")
-    lines += [
-        "",
-        "## Small projectors: multiview_barlow, projector d ∈ {16, 256}, β fixed (0.04) vs β = 0.04·64/d",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for d in PROJ_DIMS:
-        for kind in ("fixed", "scaled"):
-            name = f"mvbarlow-d{d}-{kind}-v2"
-            fam = load(out, name, seeds)
-            if fam.reports:
-                lines.append(_cheap_row(name, fam))
-    lines += [
-        "",
-        "## Views vs data: V=2 on the whole subset vs V=4 on half of it (equal epochs)",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ("mvbarlow-d256-scaled-v2", "mvbarlow-d256-scaled-v4-f0.185"):
-        fam = load(out, name, seeds)
-        if fam.reports:
-            lines.append(_cheap_row(name, fam))
-    _plot_wallclock(out, seeds, img / "study-views-wallclock.png")
-    return "\n".join(lines)
-
-
-def _cheap_row(name: str, fam: Seeds) -> str:
-    best = metric(fam, lambda r: r["layers"][r["best_layer"]]["linear_test"])
-    knn = metric(fam, lambda r: r["layers"][r["best_layer"]]["knn_test"])
-    train_s = mean_std([s["train_s"] for s in fam.summaries])
-    return (
-        f"| {name} | {len(fam.reports)} | {cell(layer_values(fam, 'backbone'))} | {cell(best)} | "
-        f"{cell(knn)} | {train_s[0]:.0f} |"
-    )
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _plot_layers(families: list[Seeds], path: Path, title: str) -> None:
-    families = [f for f in families if f.reports]
-    if not families:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    layers = layers_of(families[0])
-    for fam in families:
-        stats = [mean_std([100 * v for v in layer_values(fam, k)]) for k in layers]
-        ax.errorbar(
-            range(len(layers)),
-            [m for m, _ in stats],
-            yerr=[s for _, s in stats],
-            marker="o",
-            capsize=3,
-            label=fam.name,
-        )
-    ax.set_xticks(range(len(layers)), layers)
-    ax.set_ylabel("linear probe test top-1 (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path, dpi=110)
-
-
-def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> None:
-    if not curves:
-        return
-    keys = ["backbone linear", "digits transfer", "zero frac", "binarised gap", "MLP − linear"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
-    for ax, key in zip(axes, keys, strict=True):
-        for method, points in curves.get(key, {}).items():
-            w, m, s = zip(*points, strict=True)
-            ax.errorbar(
-                w, [100 * v for v in m], yerr=[100 * v for v in s], marker="o", capsize=3, label=method
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("last_width")
-        ax.set_title(key + (" (%)" if key != "zero frac" else " (% of entries)"), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    save_figure(fig, path, dpi=110)
-
-
-def online_curve(run_dir: Path) -> tuple[list[float], list[float]]:
-    """(cumulative training seconds, online backbone probe accuracy) from metrics.jsonl: each log
-    record covers the steps since the previous one at its measured views/s."""
-    cfg_views, batch = _views_and_batch(run_dir)
-    t, prev_step, xs, ys = 0.0, 0, [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "online/backbone" not in rec:
-            continue
-        t += (rec["step"] - prev_step) * cfg_views * batch / rec["views_per_s"]
-        prev_step = rec["step"]
-        xs.append(t)
-        ys.append(100 * rec["online/backbone"])
-    return xs, ys
-
-
-def _views_and_batch(run_dir: Path) -> tuple[int, int]:
-    from ssl_lab.config import load_config
-
-    cfg = load_config(run_dir / "config.yaml")
-    return cfg.views.n, cfg.optim.batch_size
-
-
-def _plot_wallclock(out: Path, seeds: int, path: Path) -> None:
-    runs = {
-        "V=2, whole subset": "mvbarlow-d256-scaled-v2",
-        "V=4, half subset": "mvbarlow-d256-scaled-v4-f0.185",
-    }
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drew = False
-    for (label, name), colour in zip(runs.items(), ("C0", "C1"), strict=True):
-        for seed in range(seeds):
-            run_dir = out / f"{name}-s{seed}"
-            if (run_dir / "summary.json").is_file():
-                xs, ys = online_curve(run_dir)
-                ax.plot(xs, ys, color=colour, alpha=0.7, label=label if seed == 0 else None)
-                drew = True
-    if not drew:
-        plt.close(fig)
-        return
-    ax.set_xlabel("training time (s, this machine, 1 thread)")
-    ax.set_ylabel("online backbone probe (train views, %)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, path, dpi=110)
-
-
-REPORTS = {"guillotine": report_guillotine, "width": report_width, "cheap": report_cheap}
+# ----------------------------------------------------------------------------- the command line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["run", "report", "list"])
+    parser.add_argument("action", choices=["run", "report", "freeze", "list"])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--worker", default="0/1", help="i/n: run every n-th run starting at the i-th")
@@ -568,12 +336,18 @@ def main() -> None:
     args = parser.parse_args()
     runs = all_runs(args.seeds)
     if args.action == "list":
-        print("\n".join(f"{r.name}: {r.config} {' '.join(r.overrides)}" for r in runs))
+        print("\n".join(f"{r.dir_name}: {_shown(protocol_path(r, args.scale))} seed={r.seed}"
+                        for r in runs))
+    elif args.action == "freeze":
+        paths = freeze(args.scale)
+        print(f"{len(paths)} protocols in {_shown(PROTOCOLS / args.scale)}")
     elif args.action == "run":
         i, n = (int(x) for x in args.worker.split("/"))
         for run in runs[i::n]:
-            execute(run, args.out / args.scale, SCALES[args.scale])
+            execute(run, args.out / args.scale, args.scale)
     else:
+        from study_report import REPORTS  # a sibling script; it imports this module's definitions
+
         args.docs.mkdir(parents=True, exist_ok=True)
         for name, fn in REPORTS.items():
             text = fn(args.out / args.scale, args.seeds, args.docs / "img")

@@ -1,5 +1,7 @@
-"""bench/studies.py: every run and extra evaluation it defines is a valid config at both scales,
-and its tables read finished runs (a hand-made run directory stands in for a trained one)."""
+"""bench/studies.py: every study run's config is its frozen protocol (bench/study_protocols/)
+plus seed and run.dir, each protocol sets every key of today's config schema and holds the
+published protocol's values; bench/study_report.py's tables read finished runs (a hand-made run
+directory stands in for a trained one)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ssl_lab.config import load_config
+from ssl_lab.config import Config, load_config
+from ssl_lab.config_io import all_keys, flatten, read_yaml, to_dict
 
 ROOT = Path(__file__).parents[1]
+SCALES = ["cpu", "gpu"]
+PER_RUN = {"seed", "run.dir"}
+SCHEMA = set(all_keys(Config)) - PER_RUN
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +30,137 @@ def studies():
     return module
 
 
-@pytest.mark.parametrize("scale", ["cpu", "gpu"])
-def test_every_study_run_is_a_valid_config(studies, scale):
+@pytest.fixture(scope="module")
+def study_report(studies):
+    """bench/study_report.py, which imports its definitions from the `studies` module above."""
+    spec = importlib.util.spec_from_file_location("study_report", ROOT / "bench" / "study_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_report"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _frozen(studies, run, scale: str) -> dict:
+    return flatten(read_yaml(studies.protocol_path(run, scale)))
+
+
+def _typed(flat: dict) -> dict:
+    """Values with their types: 1 and True, 3 and 3.0 differ."""
+    return {key: (type(value).__name__, value) for key, value in flat.items()}
+
+
+def test_runs_are_distinct_and_ordered_seed_by_seed(studies):
     runs = studies.all_runs(seeds=2)
-    assert len({r.name for r in runs}) == len(runs)
-    # seed by seed: all seed-0 runs come before any seed-1 run
-    seeds = [r.name.rsplit("-s", 1)[1] for r in runs]
-    assert seeds == sorted(seeds)
-    for run in runs:
-        path = ROOT / "configs" / f"{run.config}.yaml"
-        cfg = load_config(path, [*studies.SCALES[scale], *run.overrides])
-        for extra in run.evals:
-            load_config(path, [*studies.SCALES[scale], *run.overrides, *extra])
-        assert cfg.seed == int(run.name.rsplit("-s", 1)[1])
+    assert len({r.dir_name for r in runs}) == len(runs) == 2 * len(studies.protocol_runs())
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # all of seed 0 first
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_run_builds_each_config_from_its_frozen_protocol_alone(studies, scale, tmp_path):
+    """Key for key, the config `run` trains is the frozen file plus seed and run.dir: a key
+    missing from a file, or a default or configs/*.yaml value leaking in, fails here."""
+    for run in studies.all_runs(seeds=2):
+        cfg = studies.study_config(run, tmp_path, scale)
+        assert (cfg.seed, cfg.run.dir) == (run.seed, str(tmp_path / run.dir_name))
+        resolved = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in PER_RUN}
+        assert _typed(resolved) == _typed(_frozen(studies, run, scale)), run.dir_name
+        for extra in run.evals:  # applied to the run's saved config by `ssl-lab eval`
+            load_config(studies.protocol_path(run, scale), [f"seed={run.seed}", *extra])
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_protocol_sets_every_config_key(studies, scale):
+    """A config key added later fails here until the protocols are re-frozen deliberately
+    (its published value in published_defaults.yaml, then `bench/studies.py freeze`)."""
+    names = {run.name for run in studies.protocol_runs()}
+    assert {p.stem for p in (studies.PROTOCOLS / scale).glob("*.yaml")} == names
+    for run in studies.protocol_runs():
+        keys = set(_frozen(studies, run, scale))
+        assert keys == SCHEMA, (run.name, sorted(SCHEMA - keys), sorted(keys - SCHEMA))
+    assert set(flatten(read_yaml(studies.PUBLISHED_DEFAULTS))) == SCHEMA
+
+
+# The published protocol, read from commit 26957dd (the studies' code): its defaults were views.n
+# 2, batch 256, 1 warm-up epoch, lr 2e-3, last_width 512, features under train.precision and
+# views at the image size (views.size=0); the scales and each run's overrides are unchanged since.
+SCALE_VALUES = {
+    "cpu": {"model.width": 0.125, "eval.train_fraction": 0.37, "train.epochs": 3.0,
+            "train.threads": 1, "optim.warmup_epochs": 1.0},
+    "gpu": {"model.width": 1.0, "eval.train_fraction": 1.0, "train.epochs": 100.0,
+            "train.threads": None, "optim.warmup_epochs": 10.0},
+}
+
+
+def _published(run, scale: str) -> dict:
+    own = dict(o.split("=", 1) for o in run.overrides)
+    fraction = {"cpu": 0.37, "gpu": 1.0}[scale]
+    return {
+        **SCALE_VALUES[scale],
+        "views.n": int(own.get("views.n", 2)),
+        "optim.batch_size": int(own.get("optim.batch_size", 256)),
+        "optim.lr": 0.001 if run.config == "multiview_barlow" else 0.002,  # the config's own lr
+        "model.last_width": int(own.get("model.last_width", 512)),
+        "eval.precision": "train",
+        "views.size": 32 if own.get("data.name") == "shapes" else 28,
+        "views.fast": False,
+        "data.fraction": float(own.get("data.fraction", fraction)),
+    }
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_protocols_hold_the_published_values(studies, scale):
+    for run in studies.protocol_runs():
+        frozen = _frozen(studies, run, scale)
+        expected = _published(run, scale)
+        assert _typed({k: frozen[k] for k in expected}) == _typed(expected), run.name
+    cpu = {run.name: _frozen(studies, run, "cpu") for run in studies.protocol_runs()}
+    # spelled out for the baseline and the runs that override a protocol value
+    assert [cpu["simclr"][k] for k in ("views.n", "optim.batch_size", "optim.warmup_epochs",
+            "optim.lr", "model.last_width", "eval.precision", "views.size")] == [
+                2, 256, 1.0, 0.002, 512, "train", 28]
+    assert cpu["simclr-b32"]["optim.batch_size"] == 32
+    assert cpu["simclr-lw2048"]["model.last_width"] == 2048
+    assert cpu["mvbarlow-d256-scaled-v4-f0.185"]["views.n"] == 4
+
+
+def test_a_protocol_without_a_key_stops_run(studies, tmp_path, monkeypatch):
+    run = studies.protocol_runs()[0].seeded(0)
+    tree = read_yaml(studies.protocol_path(run, "cpu"))
+    del tree["views"]["n"]
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / f"{run.name}.yaml").write_text(json.dumps(tree))
+    monkeypatch.setattr(studies, "PROTOCOLS", tmp_path)
+    with pytest.raises(SystemExit, match=r"does not set views\.n"):
+        studies.study_config(run, tmp_path / "runs", "cpu")
+
+
+def test_freeze_writes_complete_protocols_and_needs_every_key(studies, tmp_path, monkeypatch):
+    paths = studies.freeze("cpu", tmp_path)
+    assert {p.stem for p in paths} == {run.name for run in studies.protocol_runs()}
+    assert all(set(flatten(read_yaml(p))) == SCHEMA for p in paths)
+    assert read_yaml(paths[0]) == read_yaml(studies.protocol_path(studies.protocol_runs()[0], "cpu"))
+    tree = read_yaml(studies.PUBLISHED_DEFAULTS)
+    del tree["eval"]["precision"]
+    (tmp_path / "defaults.yaml").write_text(json.dumps(tree))
+    monkeypatch.setattr(studies, "PUBLISHED_DEFAULTS", tmp_path / "defaults.yaml")
+    with pytest.raises(SystemExit, match=r"does not set eval\.precision"):
+        studies.freeze("cpu", tmp_path)
+
+
+def test_a_run_directory_of_another_config_stops_run(studies, tmp_path):
+    """A run trained before the protocols were frozen (today's 4 x 128 views) is neither
+    skipped as finished nor resumed under the frozen protocol."""
+    from ssl_lab.config_io import save_config
+
+    run = studies.protocol_runs()[0].seeded(0)
+    cfg = studies.study_config(run, tmp_path, "cpu")
+    run_dir = tmp_path / run.dir_name
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    studies.check_saved(run_dir, cfg)  # the same config: fine
+    save_config(load_config(studies.protocol_path(run, "cpu"), ["views.n=4"]), run_dir / "config.yaml")
+    with pytest.raises(SystemExit, match=r"views\.n 4 \(frozen: 2\)"):
+        studies.check_saved(run_dir, cfg)
 
 
 def _fake_run(run_dir: Path, seed: int, backbone: float, z: float) -> None:
@@ -48,32 +172,11 @@ def _fake_run(run_dir: Path, seed: int, backbone: float, z: float) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"dataset": "fashion-mnist", "seed": seed}))
 
 
-def test_per_layer_table_is_mean_and_std_over_seeds(studies, tmp_path):
+def test_per_layer_table_is_mean_and_std_over_seeds(study_report, tmp_path):
     _fake_run(tmp_path / "simclr-s0", 0, backbone=0.80, z=0.70)
     _fake_run(tmp_path / "simclr-s1", 1, backbone=0.84, z=0.70)
-    fam = studies.load(tmp_path, "simclr", seeds=3)  # seed 2 has not run: 2 seeds
-    table = studies.per_layer_table([fam], random_init=False)
+    fam = study_report.load(tmp_path, "simclr", seeds=3)  # seed 2 has not run: 2 seeds
+    table = study_report.per_layer_table([fam], random_init=False)
     row = table.splitlines()[-1]
     # backbone mean 82.0, sample std 2.8; backbone - z gap 12.0 ± 2.8
     assert row.startswith("| simclr | 2 | 82.0 ± 2.8 | 70.0 ± 0.0 |") and row.endswith("| 12.0 ± 2.8 |")
-
-
-def test_studies_pin_the_defaults_they_were_run_with(studies):
-    """The default lr, eval precision and last_width moved after the studies ran; a config's
-    own lr and a run's own last_width win."""
-    simclr, mv_barlow = ROOT / "configs" / "simclr.yaml", ROOT / "configs" / "multiview_barlow.yaml"
-    cfg = load_config(simclr, studies.pinned_defaults(simclr))
-    assert (cfg.optim.lr, cfg.eval.precision, cfg.model.last_width) == (0.002, "train", 512)
-    assert studies.pinned_defaults(mv_barlow) == ["eval.precision=train", "model.last_width=512"]
-    assert load_config(mv_barlow, studies.pinned_defaults(mv_barlow)).optim.lr == 0.001
-    width_run = next(r for r in studies.STUDIES["width"] if r.name == "simclr-lw2048")
-    cfg = load_config(simclr, [*studies.pinned_defaults(simclr), *width_run.overrides])
-    assert cfg.model.last_width == 2048
-    # views at the image size, as the studies ran: 28 px on Fashion-MNIST (whose default view
-    # size is now 20), the dataset's own size (views.size=0) elsewhere
-    cfg = studies.study_config(width_run, ROOT / "runs" / "unused", ())
-    assert (cfg.data.name, cfg.views.size, cfg.model.last_width) == ("fashion-mnist", 28, 2048)
-    shapes_runs = [r for runs in studies.STUDIES.values() for r in runs
-                   if any(o.startswith("data.name=shapes") for o in r.overrides)]
-    assert shapes_runs and all(studies.study_config(r, ROOT / "runs" / "unused", ()).views.size == 0
-                               for r in shapes_runs)

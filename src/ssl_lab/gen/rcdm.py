@@ -235,23 +235,36 @@ def interpolate(model: RCDM, h_a: torch.Tensor, h_b: torch.Tensor, points: int, 
 # ----------------------------------------------------------------------------- scoring
 
 
+# Cosines closer than this are ties. Representations arrive in float32, whose rounding moves a
+# direction by ~1e-7 (a row and a positive multiple of it, 3·g rounded, are not exactly
+# parallel), and BLAS rounds identical gallery columns differently depending on the matrix
+# shape; differences below 1e-6 say nothing about which image is closer.
+TIE_TOL = 1e-6
+
+
 def retrieval_ranks(query: torch.Tensor, gallery: torch.Tensor,
                     target: torch.Tensor) -> torch.Tensor:
     """Rank (1 = best) of gallery[target[i]] among all gallery rows by cosine similarity to
-    query[i]. Ties share the average rank: a collapsed (constant) representation then scores
-    chance, (N + 1) / 2, instead of a flattering rank 1."""
-    q = F.normalize(query.float(), dim=1)
-    g = F.normalize(gallery.float(), dim=1)
+    query[i]. Ties (cosines within TIE_TOL) share the average rank: a collapsed (constant or
+    one-direction) representation then scores chance, (N + 1) / 2, not a flattering rank 1."""
+    q = F.normalize(query.double(), dim=1)
+    g = F.normalize(gallery.double(), dim=1)
     sims = q @ g.T  # (M, N)
     own = sims.gather(1, target.view(-1, 1))
-    greater = (sims > own).sum(1).float()
-    ties = (sims == own).sum(1).float() - 1  # minus the target itself
-    return 1.0 + greater + ties / 2
+    greater = (sims > own + TIE_TOL).sum(1).double()
+    ties = ((sims - own).abs() <= TIE_TOL).sum(1).double() - 1  # minus the target itself
+    return (1.0 + greater + ties / 2).float()
+
+
+def median(x: torch.Tensor) -> float:
+    """The median (the mean of the two middle values for an even count; torch.median returns
+    the lower one)."""
+    return torch.quantile(x.double(), 0.5).item()
 
 
 def retrieval_report(ranks: torch.Tensor, n: int) -> dict[str, float]:
     ranks = ranks.float()
-    return {"mean_rank": ranks.mean().item(), "median_rank": ranks.median().item(),
+    return {"mean_rank": ranks.mean().item(), "median_rank": median(ranks),
             "top1": (ranks <= 1).float().mean().item(), "top5": (ranks <= 5).float().mean().item(),
             "n": n, "queries": len(ranks), "chance_mean_rank": (n + 1) / 2,
             "chance_top1": 1 / n, "chance_top5": min(5, n) / n}

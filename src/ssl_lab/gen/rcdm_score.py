@@ -52,7 +52,7 @@ def score_command(run_dir: Path, args: ScoreArgs) -> dict:
               "encoder": built.spec["encoder"], **settings,
               "retrieval": rcdm.retrieval_report(rcdm.retrieval_ranks(query, gallery, target), n),
               "retrieval_pixels": rcdm.retrieval_report(pix_ranks, n),
-              "diversity": {"mean": div.mean().item(), "median": div.median().item()},
+              "diversity": {"mean": div.mean().item(), "median": rcdm.median(div)},
               "data_pixel_std": data_std}
     out = run_dir / "score"
     save_sample_grid(result, out / "grid.png", rows=args.grid_rows)

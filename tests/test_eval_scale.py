@@ -258,6 +258,18 @@ def test_augmented_protocol_reaches_eval_json(tiny_run):
                                          "eval.baselines=false", "eval.layers=proj1"])
 
 
+def test_summary_carries_the_augmented_result_only_when_it_ran():
+    from ssl_lab.train_loop import summary_from_eval
+
+    layer = {"linear_test": 0.8, "linear_val": 0.81, "knn_test": 0.7}
+    report = {"layers": {"backbone": layer}, "best_layer": "backbone", "eval_s": 1.0}
+    assert "augmented" not in summary_from_eval(report)
+    report["augmented"] = {"layer": "backbone", "val": 0.85, "test": 0.84, "epochs": 100,
+                           "lr": 0.1, "seconds": 9.0}
+    assert summary_from_eval(report)["augmented"] == {"layer": "backbone", "val": 0.85,
+                                                      "test": 0.84, "epochs": 100}
+
+
 @pytest.mark.parametrize("override, message", [("eval.linear=papers", "eval.linear"),
                                                ("eval.feature_dtype=float64", "feature_dtype"),
                                                ("eval.ram_budget_mb=0", "ram_budget_mb")])

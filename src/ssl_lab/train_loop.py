@@ -285,4 +285,10 @@ def summary_from_eval(report: dict) -> dict:
             "best_layer": best, "knn_top1": layers[best]["knn_test"],
             "random_init_probes": {k: v["linear_test"] for k, v in report.get("random_init", {}).items()},
             "pixel_probe": report["pixels"]["linear_test"] if "pixels" in report else None,
-            "eval_s": report["eval_s"]}
+            "eval_s": report["eval_s"]} | _augmented_summary(report)
+
+
+def _augmented_summary(report: dict) -> dict:
+    """The papers' linear evaluation (eval.linear=augmented), when it ran: layer, val, test."""
+    aug = report.get("augmented")
+    return {"augmented": {k: aug[k] for k in ("layer", "val", "test", "epochs")}} if aug else {}

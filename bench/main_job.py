@@ -99,6 +99,22 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def protocols_table(path: Path, eval_json: Path | None = None) -> str:
+    """Both linear protocols of one main-job JSON (eval.linear=augmented): the frozen per-layer
+    probe at the val-chosen layer and the papers' augmented linear evaluation (from the
+    summary, or from the run's eval.json where the summary predates its `augmented` key)."""
+    s = json.loads(path.read_text())["summary"]
+    best = s["best_layer"]
+    aug = s.get("augmented") or json.loads(eval_json.read_text())["augmented"]
+    return "\n".join([
+        "| protocol | layer | val top-1 | test top-1 |", "|---|---|---:|---:|",
+        f"| frozen (`eval.linear=frozen`, L-BFGS on frozen features, wd chosen on val) | {best} "
+        f"| {100 * s['probes_val'][best]:.2f} % | {100 * s['probes'][best]:.2f} % |",
+        f"| augmented (`eval.linear=augmented`, SGD {aug['epochs']} epochs on crops + flips) | "
+        f"{aug['layer']} | {100 * aug['val']:.2f} % | {100 * aug['test']:.2f} % |",
+        f"| raw pixels (frozen protocol) | | | {100 * s['pixel_probe']:.2f} % |"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("src", type=Path)

@@ -55,6 +55,9 @@ def _eval_scale(name: str) -> Callable[[Path], str]:
 TABLES: dict[str, Callable[[Path], str]] = {
     "main-job-avx2": _main_job_pair("avx2"),
     "main-job-native": _main_job_pair("native"),
+    "main-job-protocols": lambda root: main_job.protocols_table(
+        root / "results" / "main_job" / "augmented.json",
+        root / "results" / "main_job" / "augmented_eval.json"),
     "methods-new-seeds": lambda root: methods_seeds.table(root / "results" / "methods"),
     "methods-new-5min": lambda root: methods_seeds.table(root / "results" / "methods_5min"),
     "method-trials": lambda root: method_trials.table(root / "results" / "method_trials"),

@@ -33,7 +33,6 @@ import methods_seeds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RESULTS = DOCS / "results"
 # the documents that may hold generated tables
 DOCUMENTS = (ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted(DOCS.glob("studies/*.md")))
 

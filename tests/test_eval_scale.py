@@ -79,6 +79,33 @@ def test_blocked_linear_probe_follows_the_in_memory_weight_decay_path():
     assert out["val_by_wd"] == pytest.approx(ref["val_by_wd"], abs=1.5 / len(va))
 
 
+@pytest.mark.parametrize("rows", [256, 300, 1000])
+def test_streamed_pass_equals_the_in_memory_pass(rows):
+    """One loss-and-gradient pass over file-sized blocks (row counts that do and do not divide
+    into the GEMM chunks) equals the in-memory pass on the same standardised live columns."""
+    from ssl_lab.eval.linear import _Dense
+
+    tr, ytr, *_ = _layer_data(seed=2)
+    scale = blocked.Standardizer(TensorRows(tr), 256, CPU)
+    streamed = blocked._Streamed(TensorRows(tr), ytr, 4, scale, rows)
+    dense = _Dense(scale(tr).T.contiguous(), ytr, 4)
+    g = torch.Generator().manual_seed(5)
+    theta = torch.randn(len(scale.live) + 1, 4, generator=g) * 0.3
+    (f_s, g_s), (f_d, g_d) = streamed.loss_grad(theta, 1e-3), dense.loss_grad(theta, 1e-3)
+    assert len(scale.live) == tr.shape[1] - 2  # the dead and the constant column are out
+    assert f_s == pytest.approx(f_d, rel=1e-6)
+    assert torch.allclose(g_s, g_d, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_passes_use_cache_sized_blocks_within_the_budget():
+    big = 1 << 20
+    assert blocked.pass_rows(big, 1024, CPU) * 1024 * 4 == blocked._CPU_PASS_BYTES
+    assert blocked.pass_rows(300, 1024, CPU) == 300  # never above the budget's rows
+    assert blocked.pass_rows(100, 1 << 20, CPU) == 100
+    assert blocked.pass_rows(big, 1 << 20, CPU) == 256  # a very wide layer: the floor
+    assert blocked.pass_rows(big, 1024, torch.device("meta")) == big  # accelerators: no cap
+
+
 @pytest.mark.parametrize("bank_rows", [100, 128, 1000])
 def test_blocked_knn_keeps_the_tie_rule_across_bank_blocks(bank_rows):
     """Identical train points tied for the last neighbour slots sit in different bank blocks:

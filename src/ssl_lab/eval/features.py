@@ -146,12 +146,8 @@ class _Binarized(Rows):
         return (self.rows.block(start, stop) > 0).float()
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
-        out = mask = None
         for start, x in self.rows.blocks(block_rows):
-            if out is None or len(out) < len(x):
-                out, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
-            torch.gt(x, 0, out=mask[:len(x)])
-            yield start, out[:len(x)].copy_(mask[:len(x)])
+            yield start, x.gt_(0)  # a scratch block: binarised in place, no second buffer
 
 
 # the fix that ends a feature file's OS error (the folder is removed either way)

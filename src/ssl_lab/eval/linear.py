@@ -55,54 +55,78 @@ class Problem(Protocol):
         """Mean cross-entropy + wd/2·||W||² at theta (D + 1, K) and its gradient."""
 
 
-class _Dense:
-    """The train set in memory, transposed: xt (D, N), labels y (N,).
+class Columns:
+    """Train examples as the columns of (D, n) for the two GEMMs of a pass: `chunks`, a
+    (_CHUNKS, D, n // _CHUNKS) view of the first `split` columns, and `rest`, the last ones.
 
-    The (K, N) layout keeps the softmax over classes and the gradient xt @ G memory friendly
-    (~3x faster than (N, K)). The forward GEMM W^T xt has only K rows; MKL runs that shape on
-    one core, so it is split into `_CHUNKS` column chunks that `bmm` spreads over the cores
-    (1.9x on 2 cores; xt @ G already scales). Same arithmetic, other summation blocking.
+    Working on (D, n), with logits, softmax and gradient laid out (K, n), is ~3x faster than
+    (n, K). MKL runs the forward product W^T x (only K rows) on one core, so it is split into
+    column chunks that `bmm` spreads over the cores (1.9x on 2 cores); the gradient g x^T is
+    summed over the same chunks (the (K, n) x (n, D) form, ~1.6x faster than (D, n) x (n, K)
+    on one core here). Same arithmetic, other summation blocking. No copies: both views share
+    the caller's memory.
     """
 
-    def __init__(self, xt: Tensor, y: Tensor, num_classes: int):
-        self.xt, self.n, self.k = xt, xt.shape[1], num_classes
+    def __init__(self, xt: Tensor):
+        self.n = xt.shape[1]
         nb = self.n // _CHUNKS
         self.split = _CHUNKS * nb
-        # (chunks, D, nb) view of the first `split` columns: no copy
-        self.xc = xt[:, :self.split].view(xt.shape[0], _CHUNKS, nb).transpose(0, 1) if nb else None
-        self.flat = y.to(xt.device, torch.long) * self.n + torch.arange(self.n, device=xt.device)
-        self.minus_one = torch.full((self.n,), -1.0, device=xt.device)
+        self.chunks = (xt[:, :self.split].view(xt.shape[0], _CHUNKS, nb).transpose(0, 1)
+                       if nb else None)
+        self.rest = xt[:, self.split:]
 
-    def logits(self, theta: Tensor) -> Tensor:
-        w_t = theta[:-1].T.contiguous()
+    @classmethod
+    def of_rows(cls, x: Tensor) -> Columns:
+        """The columns of x^T for a contiguous (n, D) block, without a transposed copy."""
+        return cls(x.T)
+
+    def logits(self, w_t: Tensor, bias: Tensor) -> Tensor:
+        """W^T x + b, (K, n), from w_t = W^T (K, D)."""
+        k = len(w_t)
         parts = []
-        if self.xc is not None:
-            z = torch.bmm(w_t.expand(_CHUNKS, *w_t.shape), self.xc)  # (chunks, K, nb)
-            parts.append(z.transpose(0, 1).reshape(self.k, self.split))
+        if self.chunks is not None:
+            z = torch.bmm(w_t.expand(_CHUNKS, *w_t.shape), self.chunks)  # (chunks, K, nb)
+            parts.append(z.transpose(0, 1).reshape(k, self.split))
         if self.split < self.n:
-            parts.append(w_t @ self.xt[:, self.split:])
+            parts.append(w_t @ self.rest)
         z = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        return z.add_(theta[-1][:, None])
+        return z.add_(bias[:, None])
 
-    def gradient(self, g: Tensor) -> Tensor:
-        """xt @ g^T (D, K), as the transpose of g @ xt^T summed over the column chunks: MKL
-        runs the (K, N) x (N, D) form ~1.6x faster than (D, N) x (N, K) on one core here,
-        and `bmm` spreads the chunks over the cores."""
-        out = g[:, self.split:] @ self.xt[:, self.split:].T  # (K, D), the remainder columns
-        if self.xc is not None:
-            gc = g[:, :self.split].view(self.k, _CHUNKS, -1).transpose(0, 1)  # (chunks, K, nb)
-            out += torch.bmm(gc, self.xc.transpose(1, 2)).sum(0)
-        return out.T
+    def times(self, g: Tensor) -> Tensor:
+        """g x^T, (K, D), for g (K, n)."""
+        out = g[:, self.split:] @ self.rest.T  # (K, D), the remainder columns
+        if self.chunks is not None:
+            gc = g[:, :self.split].view(len(g), _CHUNKS, -1).transpose(0, 1)  # (chunks, K, nb)
+            out += torch.bmm(gc, self.chunks.transpose(1, 2)).sum(0)
+        return out
+
+
+def softmax_pass(cols: Columns, y: Tensor, w_t: Tensor, bias: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of the columns (a 0-dim tensor), and the sums of its gradients
+    w.r.t. W^T (K, D) and the bias (K,)."""
+    n = cols.n
+    flat = y * n + torch.arange(n, device=y.device)  # (class, column) -> index into (K, n)
+    logp = cols.logits(w_t, bias).log_softmax(0)  # (K, n)
+    loss = -logp.view(-1).take(flat).sum()
+    g = logp.exp_()
+    g.view(-1).index_add_(0, flat, torch.full((n,), -1.0, device=g.device))  # softmax - onehot
+    return loss, cols.times(g), g.sum(1)
+
+
+class _Dense:
+    """The train set in memory, transposed: xt (D, N), labels y (N,)."""
+
+    def __init__(self, xt: Tensor, y: Tensor, num_classes: int):
+        self.cols, self.n, self.k = Columns(xt), xt.shape[1], num_classes
+        self.y = y.to(xt.device, torch.long)
 
     def loss_grad(self, theta: Tensor, wd: float) -> tuple[float, Tensor]:
         w = theta[:-1]
-        logp = self.logits(theta).log_softmax(0)  # (K, N)
-        loss = -float(logp.view(-1).take(self.flat).sum()) / self.n
-        g = logp.exp_()
-        g.view(-1).index_add_(0, self.flat, self.minus_one)  # softmax - onehot
-        grad_w = self.gradient(g).div_(self.n).add_(w, alpha=wd)
-        grad = torch.cat([grad_w, g.sum(1).div_(self.n)[None]])
-        return loss + 0.5 * wd * float((w * w).sum()), grad
+        loss, grad_wt, grad_b = softmax_pass(self.cols, self.y, w.T.contiguous(), theta[-1])
+        grad_w = grad_wt.T.div_(self.n).add_(w, alpha=wd)
+        grad = torch.cat([grad_w, grad_b.div_(self.n)[None]])
+        return float(loss) / self.n + 0.5 * wd * float((w * w).sum()), grad
 
 
 def _dot(a: Tensor, b: Tensor) -> float:

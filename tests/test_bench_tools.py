@@ -146,3 +146,37 @@ def test_eval_memory_reports_every_step_and_the_run_still_evaluates(tmp_path, mo
     assert sum(line.startswith("knn_classify(") for line in lines) == len(layers)
     assert sum(line.startswith("linear_probe(") for line in lines) == 2 * len(layers)  # + binarised
     assert lines[-1].startswith("end: rss ") and " MB, peak " in lines[-1]
+
+
+def _recipe_raw(raw: Path, values: dict[str, tuple[list[float], float]]) -> None:
+    """Fake raw files: per candidate, the val top-1 of each seed and a training time."""
+    for name, (vals, train_s) in values.items():
+        for seed, val in enumerate(vals):
+            keep = raw / name / f"seed{seed}"
+            keep.mkdir(parents=True)
+            summary = {"best_layer": "backbone", "train_s": train_s,
+                       "probes_val": {"backbone": val, "proj1": val - 0.02},
+                       "probes": {"backbone": val - 0.004, "proj1": val - 0.03},
+                       "pixel_probe": 0.84, "random_init_probes": {"stage3": 0.70},
+                       "knn_top1": 0.80}
+            (keep / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("lr_vals, lr_time, chosen", [
+    ([0.884, 0.885, 0.886], 125.0, "lr-0.004"),  # +0.5, beyond the stds (0.1): it wins
+    ([0.878, 0.885, 0.892], 125.0, "default"),  # +0.5, within its own std (0.7): no change
+    ([0.884, 0.885, 0.886], 150.0, "default"),  # wins on val but trains 20 % longer
+])
+def test_recipe_choice_follows_the_val_rule_and_the_time_limit(tmp_path, monkeypatch, capsys,
+                                                              lr_vals, lr_time, chosen):
+    recipe = _bench("recipe_select", monkeypatch)
+    _recipe_raw(tmp_path, {"default": ([0.879, 0.880, 0.881], 125.0),
+                           "views-2x256": ([0.878, 0.879, 0.880], 124.0),
+                           "lr-0.004": (lr_vals, lr_time)})
+    assert recipe.choose(recipe.load(tmp_path))[0] == chosen
+    val = recipe.val_table(tmp_path)
+    assert f"Chosen on val: **{chosen}**" in val
+    assert "88.00 ± 0.10" in val  # the default's val mean ± std, in percent
+    test = recipe.test_table(tmp_path)
+    assert f"Chosen recipe: **{chosen}**" in test
+    assert test.count("| backbone |") == 3  # one row per seed of the chosen recipe only

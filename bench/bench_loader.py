@@ -217,6 +217,31 @@ def plot_speedups(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+_ROWS = (("ssl_lab_raw", "default"), ("ssl_lab_raw_exact", "exact views"),
+         ("ssl_lab_raw_fast", "fast views"))
+_FAST_ABOVE = 64  # the default views are fast above this size (views.fast=null)
+
+
+def table(results: dict[str, dict]) -> str:
+    """views/s of every (run, view size, view kind) and the raw store's ratio to the per-image
+    pipeline, to two decimals as measured (docs generate this from the committed JSONs)."""
+    lines = ["| run | view size | views | ssl-lab, raw store | ssl-lab, JPEG store "
+             "| per-image PIL + DataLoader (2 workers) | raw vs per-image |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for run, result in results.items():
+        for size, rows in result["views_per_s_by_view_size"].items():
+            per_image = rows["per_image_pil"]["per_s"]
+            for key, kind in _ROWS:
+                if key not in rows:
+                    continue
+                jpeg = f"{rows['ssl_lab_jpeg']['per_s']:,.0f}" if key == "ssl_lab_raw" else ""
+                if key == "ssl_lab_raw":
+                    kind = f"default ({'fast' if int(size) > _FAST_ABOVE else 'exact'} views)"
+                lines.append(f"| {run} | {size} px | {kind} | {rows[key]['per_s']:,.0f} | {jpeg} "
+                             f"| {per_image:,.0f} | {rows[key]['per_s'] / per_image:.2f}× |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000, help="JPEGs in the synthetic ImageFolder")

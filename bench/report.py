@@ -26,10 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import eval_scale  # noqa: E402  (sibling scripts: their table functions)
+import bench_loader  # noqa: E402  (sibling scripts: their table functions)
+import eval_scale  # noqa: E402
 import main_job  # noqa: E402
 import method_trials  # noqa: E402
 import methods_seeds  # noqa: E402
+import recipe_select  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -60,7 +62,13 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "methods-new-seeds": lambda root: methods_seeds.table(root / "results" / "methods"),
     "methods-new-5min": lambda root: methods_seeds.table(root / "results" / "methods_5min"),
     "method-trials": lambda root: method_trials.table(root / "results" / "method_trials"),
+    "recipe-val": lambda root: recipe_select.val_table(root / "results" / "recipe"),
+    "recipe-test": lambda root: recipe_select.test_table(root / "results" / "recipe"),
+    "main-job-layers": lambda root: recipe_select.layers_table(root / "results" / "recipe"),
     "eval-scale": _eval_scale("eval_scale.json"),
+    "loader": lambda root: bench_loader.table({
+        name: json.loads((root / "bench" / f"{name}.json").read_text())
+        for name in ("loader", "loader_s11_run1", "loader_s11_run3")}),
     "eval-scale-blocked-50k": _eval_scale("eval_scale_blocked_50k.json"),
 }
 

@@ -160,6 +160,12 @@ def _recipe_raw(raw: Path, values: dict[str, tuple[list[float], float]]) -> None
                        "pixel_probe": 0.84, "random_init_probes": {"stage3": 0.70},
                        "knn_top1": 0.80}
             (keep / "summary.json").write_text(json.dumps(summary))
+            layer = {"linear_test": val - 0.004, "knn_test": 0.80, "zero_frac": 0.2,
+                     "rankme": 150.0, "binarized_test": 0.83}
+            (keep / "eval.json").write_text(json.dumps({
+                "best_layer": "backbone", "layers": {"stage3": layer, "backbone": layer},
+                "random_init": {"backbone": {"linear_test": 0.55}},
+                "pixels": {"linear_test": 0.84, "knn_test": 0.78}}))
 
 
 @pytest.mark.parametrize("lr_vals, lr_time, chosen", [
@@ -180,3 +186,7 @@ def test_recipe_choice_follows_the_val_rule_and_the_time_limit(tmp_path, monkeyp
     test = recipe.test_table(tmp_path)
     assert f"Chosen recipe: **{chosen}**" in test
     assert test.count("| backbone |") == 3  # one row per seed of the chosen recipe only
+    layers = recipe.layers_table(tmp_path).splitlines()
+    assert len(layers) == 2 + 2 + 1  # header, rule, two layers, raw pixels
+    assert layers[3].startswith("| **backbone** (val-chosen) |") and "| 55.00 |" in layers[3]
+    assert layers[2].startswith("| stage3 |") and "| - |" in layers[2]  # no random-init entry

@@ -10,7 +10,7 @@ probed, the random-init and raw-pixel baselines) with one setting changed, at th
 2.25 epochs: a fixed number of steps, so an accuracy does not depend on the machine's speed.
 The candidates change one setting at a time: 2 views of 256 images (the same 512 views per
 step) at the same epochs (half the steps and compute) and at the same steps (4.5 epochs, warm-up
-1 epoch = the default's 211 warm-up steps), the learning rate halved and doubled, and 28-px
+1 epoch = the default's 210 warm-up steps), the learning rate halved and doubled, and 28-px
 (full-size) views at 2 epochs, about the default's training time. Training times are in the
 table; a candidate whose fastest seed trains more than 10 % longer than the default's fastest
 would not fit the main job's 5 minutes and is not eligible, whatever its accuracy (the fastest

@@ -17,8 +17,9 @@ would not fit the main job's 5 minutes and is not eligible, whatever its accurac
 run, as timeit takes the minimum: slower ones carry the machine's drift, which moved runs of
 the same compute by up to 15 % here).
 
-Selection rule, decided before the runs: each run's layer is the one with the best val linear
-top-1 (as the main job picks it); a candidate's score is the mean over seeds of that val top-1.
+Selection rule (its val part decided before the runs; the time filter's fastest-seed form was
+settled during them, see above): each run's layer is the one with the best val linear top-1
+(as the main job picks it); a candidate's score is the mean over seeds of that val top-1.
 The best-scoring eligible candidate replaces the default only when its mean exceeds the
 default's by more than the larger of the two seed stds; otherwise the default stays (the
 difference is within noise). Test accuracies are printed for the chosen recipe only.

@@ -15,7 +15,7 @@ step) at the same epochs (half the steps and compute) and at the same steps (4.5
 table; a candidate whose fastest seed trains more than 10 % longer than the default's fastest
 would not fit the main job's 5 minutes and is not eligible, whatever its accuracy (the fastest
 run, as timeit takes the minimum: slower ones carry the machine's drift, which moved runs of
-the same compute by up to 15 % here).
+the default's compute from 127 to 152 s here).
 
 Selection rule (its val part decided before the runs; the time filter's fastest-seed form was
 settled during them, see above): each run's layer is the one with the best val linear top-1
@@ -33,6 +33,8 @@ import json
 import shutil
 import statistics
 from pathlib import Path
+
+from methods_seeds import _mean_std  # a sibling script: the seeds tables' mean ± std
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = "default"
@@ -99,11 +101,6 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.mean(pct), statistics.stdev(pct) if len(pct) > 1 else 0.0
 
 
-def _fmt(values: list[float]) -> str:
-    mean, std = _stats(values)
-    return f"{mean:.2f} ± {std:.2f}"
-
-
 def choose(runs: dict[str, list[dict]]) -> tuple[str, str]:
     """(the chosen candidate, why), by the module docstring's rule."""
     eligible = {n: s for n, s in runs.items() if _eligible(runs, n)}
@@ -129,8 +126,8 @@ def val_table(raw: Path) -> str:
         train_s = [s["train_s"] for s in summaries]
         lines.append(
             f"| {name} | {' '.join(f'`{o}`' for o in CANDIDATES[name]) or '(none)'} "
-            f"| {len(summaries)} | {_fmt([_val(s) for s in summaries])} | {layers} "
-            f"| {_fmt([s['probes_val']['backbone'] for s in summaries])} "
+            f"| {len(summaries)} | {_mean_std([_val(s) for s in summaries])} | {layers} "
+            f"| {_mean_std([s['probes_val']['backbone'] for s in summaries])} "
             f"| {min(train_s):.0f}–{max(train_s):.0f} s "
             f"| {'yes' if _eligible(runs, name) else 'no'} |")
     chosen, why = choose(runs)
@@ -153,7 +150,7 @@ def test_table(raw: Path) -> str:
                      f"{100 * s['knn_top1']:.2f} |")
     tests = [s["probes"][s["best_layer"]] for s in runs[chosen]]
     gaps = [s["probes"][s["best_layer"]] - s["pixel_probe"] for s in runs[chosen]]
-    lines.append(f"| mean ± std | | {_fmt(tests)} | | {_fmt(gaps)} | | |")
+    lines.append(f"| mean ± std | | {_mean_std(tests)} | | {_mean_std(gaps)} | | |")
     return "\n".join(lines)
 
 

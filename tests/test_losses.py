@@ -366,6 +366,23 @@ def test_multiview_barlow_relation_to_barlow_at_two_views():
     assert not torch.isclose(multiview_barlow(z), barlow_twins(z), rtol=0.1)
 
 
+@pytest.mark.parametrize("views", [2, 3])
+def test_multiview_barlow_method_switches_to_barlow_at_two_views(views):
+    """The method follows the authors' code: 2 views train plain Barlow Twins with β as λ, more
+    views the mean-embedding form; β is the effective (here 1/d-scaled) one either way."""
+    from ssl_lab.config import MethodConfig
+    from ssl_lab.methods import get_method
+
+    z = rand((views, 8, 4), seed=30 + views)
+    mc = MethodConfig(name="multiview_barlow", beta=0.08, beta_scaling="inverse_dim",
+                      beta_ref_dim=2)
+    loss = get_method("multiview_barlow").loss({"z": z}, None, mc, None)
+    beta = 0.08 * 2 / 4
+    zl = z.double().tolist()
+    expected = ref_barlow_pair(zl[0], zl[1], beta) if views == 2 else ref_multiview_barlow(zl, beta)
+    close(loss, expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # k sampled negatives
 # ----------------------------------------------------------------------------------------------

@@ -85,8 +85,9 @@ def multiview_barlow(z: Tensor, beta: float = 0.0051) -> Tensor:
     Standardise per dimension over ALL V·N rows together (biased var, eps 1e-5), z̄ = mean over
     views (N, D):
         L = (1/V)·Σ_a Σ_i (mean_b z_a[b,i]·z̄[b,i] − 1)² + β·Σ_{i≠j} (z̄ᵀz̄/N)²_ij.
-    The formula is used for every V, V = 2 included (the authors' code switches to plain
-    Barlow Twins at 2 views; call barlow_twins for that). At V = 2 it differs from barlow_twins
+    The formula is used for every V, V = 2 included; the authors' code switches to plain
+    Barlow Twins at 2 views, and so does the `multiview_barlow` method (methods.py), which
+    calls barlow_twins there. At V = 2 this function differs from barlow_twins
     in three ways: (1) the views are standardised jointly, not each on its own; (2) the
     invariance term compares each view with the mean z̄ = (z_1+z_2)/2, not with the other view:
     when each view is already standardised on its own, it equals

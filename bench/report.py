@@ -28,10 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_loader  # noqa: E402  (sibling scripts: their table functions)
 import eval_scale  # noqa: E402
+import infusion_tables  # noqa: E402
 import main_job  # noqa: E402
 import method_trials  # noqa: E402
 import methods_seeds  # noqa: E402
+import rcdm_tables  # noqa: E402
 import recipe_select  # noqa: E402
+import study_report  # noqa: E402
+import targeted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -70,6 +74,17 @@ TABLES: dict[str, Callable[[Path], str]] = {
         name: json.loads((root / "bench" / f"{name}.json").read_text())
         for name in ("loader", "loader_s11_run1", "loader_s11_run3")}),
     "eval-scale-blocked-50k": _eval_scale("eval_scale_blocked_50k.json"),
+    # the studies at the cpu scale: docs/studies/*.md and docs/RESULTS.md
+    **{name: (lambda root, fn=fn: fn(root / "results" / "studies" / "cpu"))
+       for name, fn in study_report.TABLES.items()},
+    # 4x the studies' epochs for the claims the studies did not reproduce (docs/RESULTS.md)
+    **{f"targeted-{name}": (lambda root, name=name: targeted.table(
+        root / "results" / "targeted", root / "results" / "studies" / "cpu", name))
+       for name in targeted.EXPERIMENTS},
+    **{name: (lambda root, fn=fn: fn(root / "results" / "infusion"))
+       for name, fn in infusion_tables.TABLES.items()},
+    "rcdm-study": lambda root: rcdm_tables.study_table(root / "results" / "rcdm"),
+    "rcdm-cost": lambda root: rcdm_tables.cost_table(root / "results" / "rcdm"),
 }
 
 

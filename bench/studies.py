@@ -2,10 +2,13 @@
 their definitions (the scales, STUDIES, their runs), running, freezing and the command line;
 `report`'s tables and plots are in bench/study_report.py.
 
-    python bench/studies.py run    [--scale cpu|gpu] [--seeds 3] [--worker 0/2] [--out runs/studies]
-    python bench/studies.py report [--scale cpu|gpu] [--seeds 3] [--out runs/studies] [--docs docs/studies]
-    python bench/studies.py freeze [--scale cpu|gpu]
-    python bench/studies.py list   [--scale cpu|gpu] [--seeds 3]
+    python bench/studies.py run     [--scale cpu|gpu] [--seeds 3] [--worker 0/2] [--out runs/studies]
+    python bench/studies.py collect [--scale cpu|gpu] [--seeds 3] [--out runs/studies] [--raw RAW]
+    python bench/studies.py report  [--scale cpu|gpu] [--seeds 3] [--raw RAW] [--docs docs/studies]
+    python bench/studies.py freeze  [--scale cpu|gpu]
+    python bench/studies.py list    [--scale cpu|gpu] [--seeds 3]
+
+(RAW: docs/results/studies, the committed raw-results folder.)
 
 Every study run's protocol is frozen: bench/study_protocols/<scale>/<run>.yaml holds every key
 of the config, as a run directory's config.yaml does, except seed and run.dir. `run` builds a
@@ -28,7 +31,11 @@ the extra evaluations (transfer to digits, one per shapes factor). Finished runs
 skipped and interrupted runs resume, so the command continues where it stopped. Runs are
 ordered seed by seed, so an early stop leaves every study with the same, complete seeds.
 `--worker i/n` takes every n-th run from the i-th: n processes split the work (one thread each
-at the cpu scale). `report` writes markdown tables and plots of whatever has finished.
+at the cpu scale). Each finished run's small files (summary.json, config.yaml, metrics.jsonl,
+evals/*.json: no weights) are copied to the raw-results folder, --raw/<scale>/<run>-s<seed>/,
+which is committed; `collect` copies them for runs that finished elsewhere. The tables in
+docs/studies/*.md and docs/RESULTS.md are built from that folder by `python bench/report.py`
+(bench/study_report.py's TABLES); `report` draws the plots (docs/studies/img) from it.
 
 `--scale cpu` is sized for a 2-core CPU (1/8-width ResNet-18, a 20k-image subset, 3 epochs);
 `--scale gpu` is the full-size version (full-width ResNet-18, every image, 100 epochs).
@@ -37,6 +44,7 @@ at the cpu scale). `report` writes markdown tables and plots of whatever has fin
 from __future__ import annotations
 
 import argparse
+import shutil
 import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +52,8 @@ from pathlib import Path
 from ssl_lab.eval.run import dataset_tag
 
 ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "docs" / "results" / "studies"  # <scale>/<run>-s<seed>/: committed raw files
+RAW_FILES = ("summary.json", "config.yaml", "metrics.jsonl")  # + evals/*.json
 SCALES = {
     "cpu": (
         "model.width=0.125",
@@ -221,6 +231,20 @@ def execute(run: Run, out: Path, scale: str) -> None:
             evaluate_run(run_dir, list(overrides))
 
 
+def collect(run: Run, out: Path, raw: Path) -> bool:
+    """Copy a finished run's small files (RAW_FILES and every evals/*.json) to raw/<run dir>/;
+    False if it has not finished. Files already there are overwritten: an eval added later
+    lands too."""
+    run_dir = out / run.dir_name
+    if not (run_dir / "summary.json").is_file():
+        return False
+    keep = raw / run.dir_name
+    (keep / "evals").mkdir(parents=True, exist_ok=True)
+    for path in [*(run_dir / f for f in RAW_FILES), *sorted((run_dir / "evals").glob("*.json"))]:
+        shutil.copy(path, keep / path.relative_to(run_dir))
+    return True
+
+
 def check_saved(run_dir: Path, cfg) -> None:
     """Stop at a run directory trained by another config (e.g. by the defaults of the day,
     before the protocols were frozen): skipping or resuming it would mix protocols."""
@@ -327,11 +351,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["run", "report", "freeze", "list"])
+    parser.add_argument("action", choices=["run", "collect", "report", "freeze", "list"])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--worker", default="0/1", help="i/n: run every n-th run starting at the i-th")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "studies")
+    parser.add_argument("--raw", type=Path, default=RAW)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "studies")
     args = parser.parse_args()
     runs = all_runs(args.seeds)
@@ -345,17 +370,16 @@ def main() -> None:
         i, n = (int(x) for x in args.worker.split("/"))
         for run in runs[i::n]:
             execute(run, args.out / args.scale, args.scale)
+            collect(run, args.out / args.scale, args.raw / args.scale)
+    elif args.action == "collect":
+        done = sum(collect(run, args.out / args.scale, args.raw / args.scale) for run in runs)
+        print(f"{done} of {len(runs)} runs collected in {_shown(args.raw / args.scale)}")
     else:
-        from study_report import REPORTS  # a sibling script; it imports this module's definitions
+        from study_report import plot_all  # a sibling script; it imports this module's definitions
 
-        args.docs.mkdir(parents=True, exist_ok=True)
-        for name, fn in REPORTS.items():
-            text = fn(args.out / args.scale, args.seeds, args.docs / "img")
-            command = f"python bench/studies.py report --scale {args.scale} --seeds {args.seeds}"
-            header = (f"<!-- made by `{command}` from the run directories; scale, machine and "
-                      "seeds: docs/RESULTS.md, Studies -->\n\n")
-            (args.docs / f"{name}.md").write_text(header + text + "\n")
-            print(text, "\n")
+        for path in plot_all(args.raw / args.scale, args.seeds, args.docs / "img"):
+            print(f"wrote {_shown(path)}")
+        print("tables: python bench/report.py")
 
 
 if __name__ == "__main__":

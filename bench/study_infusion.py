@@ -1,13 +1,23 @@
 """Infusion-training study: Parzen LL and lower bound of the infusion-trained chain vs the prior
-alone vs the α = 0 ablation, on digits and Fashion-MNIST, over seeds, with small T / α sweeps.
+alone vs the α = 0 ablation, on digits and Fashion-MNIST, over seeds, with small T / α sweeps;
+and the targeted experiment on the infusion bound (4× the epochs, digits).
 
-    nice -n 15 .venv/bin/python bench/study_infusion.py [--scale 0.1] [--out runs/study_infusion]
+    nice -n 15 .venv/bin/python bench/study_infusion.py [--scale 0.1] [--part all|main|long]
+    python bench/report.py     # the tables of docs/infusion.md, from docs/results/infusion/
 
---scale 0.1 (default) fits ~25 min of one CPU core: Fashion-MNIST on a 10% subset with a
-256-unit operator for 10 epochs, digits in full. --scale 1 is the paper's size (all 54k train
-images, 1200 units, batch 512, 100 epochs, 10k Parzen samples, full test set): a GPU job.
-Resumable: finished runs (score.json present) are skipped, interrupted ones resumed.
-Writes <out>/results.json and <out>/results.md (the tables of docs/infusion.md) and sample grids.
+--part main (~20 CPU-minutes of one core at --scale 0.1): every variant over seeds; Fashion-MNIST
+on a 10% subset with a 256-unit operator for 10 epochs, digits in full for 30 epochs; the K =
+50/100 re-scoring of infusion and alpha0, and the bound-vs-K sweep of the seed-0 infusion runs.
+--part long (~10 CPU-minutes): the targeted experiment, digits `infusion` and `alpha0` trained 4×
+the epochs (seeds 0-2), scored like the main runs plus K = 100 on all 359 test images.
+--scale 1 is the paper's size (all 54k train images, 1200 units, batch 512, 100 epochs, 10k
+Parzen samples, full test set): a GPU job, to be written to another --raw folder.
+
+Resumable at two levels: a run whose raw file exists is skipped; otherwise what its run
+directory already holds (summary.json, score.json, score_tight.json, k_sweep.json) is kept and
+an interrupted training is resumed. Each finished run writes one small JSON to --raw (overrides,
+train seconds, scores, bounds per K and proposal, the per-epoch validation bounds; never
+weights), seed-0 sample grids to --img, and <out>/results.md gets every table.
 """
 
 from __future__ import annotations
@@ -15,19 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ssl_lab.gen import infusion as inf
 from ssl_lab.gen.infusion_config import SampleArgs, load_infusion_config, load_run_config
 from ssl_lab.gen.infusion_eval import image_grid, sample_run, score_run, subset
-from ssl_lab.gen.infusion_model import load_data, load_model, to_pixels
+from ssl_lab.gen.infusion_model import generator, load_data, load_model, to_pixels
 from ssl_lab.gen.infusion_train import train_infusion
-from ssl_lab.runtime import pick_device
+from ssl_lab.runtime import pick_device, write_text_atomic
 
+sys.path.insert(0, str(Path(__file__).parent))
+import infusion_tables  # noqa: E402  (sibling script: the docs tables)
+
+ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 # name → (overrides, seeds per dataset); "infusion" is the paper's default schedule.
 VARIANTS = {
@@ -40,9 +56,41 @@ VARIANTS = {
                  {"digits": SEEDS, "fashion-mnist": (0,)}),
     "alpha.1-const": ({"infusion.alpha0": 0.1, "infusion.omega": 0.0}, {"digits": SEEDS}),
 }
+# The targeted experiment (issue #27): is the infusion proposal's loose bound our short runs or
+# the proposal? Same runs as the main ones, LONG_FACTOR × the epochs; digits only (cheap).
+LONG_FACTOR = 4
+LONG = {f"infusion-{LONG_FACTOR}x": "infusion", f"alpha0-{LONG_FACTOR}x": "alpha0"}
+LONG_DATA = "digits"
+# Re-scoring with many importance samples: at K = 10 the bound is far from tight (k_sweep).
+TIGHT = {"digits": ["score.bound_samples=100", "score.bound_n=359"],
+         "fashion-mnist": ["score.bound_samples=50", "score.bound_n=100"]}
+TIGHT_VARIANTS = ("infusion", "alpha0", *LONG)
+SWEEP_KS = {"digits": (1, 10, 100), "fashion-mnist": (1, 10, 50)}
+SWEEP_N, SWEEP_STD, SWEEP_SEED = 100, 0.02, 11  # images, s of the infusion proposal, draws
 
 
-def base_overrides(data: str, scale: float) -> dict:
+@dataclass(frozen=True)
+class Point:
+    """One run of the study."""
+
+    data: str
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}-{self.variant}-s{self.seed}"
+
+
+def plan(part: str, datasets: list[str]) -> list[Point]:
+    """The runs of `part` (main, long or all), main runs first."""
+    main = [Point(d, v, s) for d in datasets for v, (_, seeds) in VARIANTS.items()
+            for s in seeds.get(d, ())]
+    long = [Point(LONG_DATA, v, s) for v in LONG for s in SEEDS]
+    return {"main": main, "long": long, "all": main + long}[part]
+
+
+def base_overrides(data: str, scale: float) -> dict[str, Any]:
     """Paper defaults at scale 1; smaller data, operator and budgets below it."""
     full = scale >= 1
     common = {"train.threads": 1, "train.log_every_steps": 10, "train.ckpt_every_steps": 200,
@@ -60,182 +108,157 @@ def base_overrides(data: str, scale: float) -> dict:
             "score.bound_n": 1000 if full else 300}
 
 
-def run_one(out: Path, data: str, variant: str, seed: int, scale: float) -> dict:
-    run_dir = out / f"{data}-{variant}-s{seed}"
-    if (run_dir / "score.json").is_file():
-        return json.loads((run_dir / "score.json").read_text())
+def run_overrides(p: Point, scale: float) -> dict[str, Any]:
+    """The run's config keys (besides run.dir): the scale's, the variant's, the seed."""
+    variant = LONG.get(p.variant, p.variant)
+    overrides = {**base_overrides(p.data, scale), **VARIANTS[variant][0], "seed": p.seed}
+    if p.variant in LONG:  # a constant lr: the first epochs are exactly the shorter run's
+        overrides["train.epochs"] *= LONG_FACTOR
+    return overrides
+
+
+def _text(key: str, value: Any) -> str:
+    value = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+    return f"{key}={value}"
+
+
+def train(run_dir: Path, overrides: dict[str, Any]) -> None:
+    """Train the run, resuming an interrupted one; a finished one (summary.json) is kept."""
+    if (run_dir / "summary.json").is_file():
+        return
+    overrides = {**overrides, "run.dir": str(run_dir)}
+    if (run_dir / "config.yaml").is_file():
+        overrides["resume"] = True
+    elif run_dir.exists():  # created but died before config.yaml: nothing to keep
+        shutil.rmtree(run_dir)
+    train_infusion(load_infusion_config(None, [_text(k, v) for k, v in overrides.items()]))
+
+
+def cached_score(run_dir: Path, name: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`score_run` with these score.* overrides, unless its output file is already there."""
+    path = run_dir / name
+    if path.is_file():
+        return json.loads(path.read_text())
+    return score_run(run_dir, list(overrides), name)
+
+
+def k_sweep(run_dir: Path, ks: tuple[int, ...]) -> dict[str, Any]:
+    """How the bound tightens with K on SWEEP_N test images, for both proposals (the same
+    draws for every K); cached as RUN/k_sweep.json."""
+    path = run_dir / "k_sweep.json"
+    if path.is_file():
+        return json.loads(path.read_text())
     t0 = time.perf_counter()
-    if not (run_dir / "summary.json").is_file():
-        overrides = {**base_overrides(data, scale), **VARIANTS[variant][0], "seed": seed,
-                     "run.dir": str(run_dir)}
-        if (run_dir / "config.yaml").is_file():
-            overrides["resume"] = True
-        elif run_dir.exists():  # created but died before config.yaml: nothing to keep
-            shutil.rmtree(run_dir)
-        texts = [f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                 for k, v in overrides.items()]
-        train_infusion(load_infusion_config(None, texts))
-    report = score_run(run_dir)
-    report["train"] = json.loads((run_dir / "summary.json").read_text())
-    report["study_wall_s"] = time.perf_counter() - t0
-    (run_dir / "score.json").write_text(json.dumps(report, indent=1))
-    return report
+    cfg, device = load_run_config(run_dir), pick_device()
+    model = load_model(run_dir, cfg, device)
+    test = subset(to_pixels(load_data(cfg).test.images, device), SWEEP_N, 0)
+    bounds = []
+    for name, alphas in (("chain", torch.zeros_like(model.alphas)), ("infusion", model.alphas)):
+        for k in ks:
+            b = inf.lower_bound(model.operator, model.prior, test, alphas, k, SWEEP_STD,
+                                cfg.score.batch, generator(device, SWEEP_SEED))
+            bounds.append({"proposal": name, "K": k, "mean": b.mean().item(),
+                           "median": b.median().item()})
+    result = {"n": len(test), "std": SWEEP_STD, "bounds": bounds,
+              "prior_exact": model.prior.log_prob(test).mean().item(),
+              "seconds": time.perf_counter() - t0}
+    write_text_atomic(path, json.dumps(result, indent=1))
+    return result
 
 
-def save_grids(out: Path, data: str, variant: str, img_dir: Path) -> None:
-    run_dir = out / f"{data}-{variant}-s0"
+def val_trace(run_dir: Path) -> list[list[float]]:
+    """[epoch, val_bound, val_bound_infusion] at each epoch end (metrics.jsonl). A resumed run
+    logs the steps after its last checkpoint twice: the later record of an epoch wins."""
+    by_epoch = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if "val_bound" in r and "val_bound_infusion" in r:
+            by_epoch[round(r["epoch"])] = [round(r["epoch"]), r["val_bound"],
+                                           r["val_bound_infusion"]]
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def save_grids(run_dir: Path, data: str, variant: str, img_dir: Path) -> None:
+    """Seed-0 samples (and for `infusion` its chain and the prior's samples) into docs/img."""
     tag = f"infusion_{data.replace('-', '')}_{variant.replace('.', '')}"
-    paths = sample_run(run_dir, SampleArgs(n=36, chains=6, seed=0))
+    # overwrite: a run interrupted after sampling must not be refused on its resume
+    paths = sample_run(run_dir, SampleArgs(n=36, chains=6, seed=0, overwrite=True))
     img_dir.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
         if name == "samples" or variant == "infusion":  # keep docs/img small
             shutil.copy(path, img_dir / f"{tag}_{name}.png")
     if variant == "infusion":  # the prior alone, for comparison
-        cfg = load_run_config(run_dir)
-        device = pick_device()
+        cfg, device = load_run_config(run_dir), pick_device()
         prior = load_model(run_dir, cfg, device).prior
-        gen = torch.Generator(device=device).manual_seed(0)
-        name = f"infusion_{data.replace('-', '')}_prior.png"
-        image_grid(prior.sample(36, gen), 6, img_dir / name)
+        image_grid(prior.sample(36, generator(device, 0)), 6,
+                   img_dir / f"infusion_{data.replace('-', '')}_prior.png")
 
 
-def k_sweep(out: Path, data: str, ks: tuple[int, ...], n: int = 100) -> dict:
-    """How the bound tightens with K (importance samples) on n test images of the seed-0 run,
-    for both proposals; cached in <out>/k_sweep-<data>.json."""
-    path = out / f"k_sweep-{data}.json"
+def measure(p: Point, run_dir: Path, scale: float, img_dir: Path) -> dict[str, Any]:
+    """Train and score one run; its raw record (no weights)."""
+    cpu = time.process_time()
+    overrides = run_overrides(p, scale)
+    train(run_dir, overrides)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record = {"dataset": p.data, "variant": p.variant, "seed": p.seed, "scale": scale,
+              "overrides": overrides, "epochs": summary["epochs"], "steps": summary["steps"],
+              "train_s": summary["train_time_s"],
+              "stopped_by_budget": summary["stopped_by_budget"],
+              "score": cached_score(run_dir, "score.json"), "trace": val_trace(run_dir)}
+    if p.variant in TIGHT_VARIANTS:
+        tight = cached_score(run_dir, "score_tight.json",
+                             (*TIGHT[p.data], f"score.bound_stds={SWEEP_STD}"))
+        record["tight"] = {**tight["chain"]["bound"], "score_s": tight["score_s"]}
+    if p.variant == "infusion" and p.seed == 0:
+        record["k_sweep"] = k_sweep(run_dir, SWEEP_KS[p.data])
+    if p.variant in VARIANTS and p.seed == 0:
+        save_grids(run_dir, p.data, p.variant, img_dir)
+    # CPU seconds of the invocation that finished the run (less than its total if resumed)
+    record["cpu_s"] = time.process_time() - cpu
+    return record
+
+
+def run_point(p: Point, out: Path, raw: Path, scale: float, img_dir: Path) -> dict[str, Any]:
+    """The run's raw record: read if it exists (nothing is loaded or trained), else measured
+    and written (whole or not at all)."""
+    path = raw / f"{p.name}.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    run_dir = out / f"{data}-infusion-s0"
-    cfg, device = load_run_config(run_dir), pick_device()
-    model = load_model(run_dir, cfg, device)
-    test = to_pixels(load_data(cfg).test.images, device)
-    test = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]]
-    result = {}
-    for name, alphas in (("chain", torch.zeros_like(model.alphas)), ("infusion", model.alphas)):
-        for k in ks:
-            gen = torch.Generator(device=device).manual_seed(11)
-            b = inf.lower_bound(model.operator, model.prior, test, alphas, k, 0.02, 1024, gen)
-            result[f"{name}/K={k}"] = {"mean": b.mean().item(), "median": b.median().item()}
-    result["prior_exact"] = model.prior.log_prob(test).mean().item()
-    path.write_text(json.dumps(result, indent=1))
-    return result
+        record = json.loads(path.read_text())
+        if record["scale"] != scale:
+            raise SystemExit(f"{path} is a --scale {record['scale']} run, not {scale}: give "
+                             "another --raw folder")
+        return record
+    record = measure(p, out / p.name, scale, img_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=1))
+    return record
 
 
-TIGHT = {"digits": ["score.bound_samples=100", "score.bound_n=359"],
-         "fashion-mnist": ["score.bound_samples=50", "score.bound_n=100"]}
+def study(points: list[Point], out: Path, raw: Path, scale: float, img_dir: Path) -> None:
+    for p in points:
+        r = run_point(p, out, raw, scale, img_dir)
+        s = r["score"]
+        print(f"{p.name}: Parzen {s['chain']['parzen']['test_ll']:.1f} "
+              f"bound {s['chain']['bound']['test_bound']:.1f} "
+              f"(prior Parzen {s['prior']['parzen']['test_ll']:.1f}, "
+              f"exact {s['prior']['exact_ll']:.1f})", flush=True)
 
 
-def tight_bounds(out: Path, data: str) -> dict:
-    """The main comparison (infusion vs α = 0) re-scored with many more importance samples:
-    at K = 10 the bound is far from tight (see k_sweep). Cached as score_tight.json."""
-    rows = {}
-    for variant in ("infusion", "alpha0"):
-        for seed in VARIANTS[variant][1].get(data, ()):
-            run_dir = out / f"{data}-{variant}-s{seed}"
-            path = run_dir / "score_tight.json"
-            if not path.is_file():
-                score_run(run_dir, TIGHT[data] + ["score.bound_stds=[0.02]"], path.name)
-            rows[(variant, seed)] = json.loads(path.read_text())["chain"]["bound"]
-            if "prior_exact_same_images" not in rows[(variant, seed)]:  # older score files
-                rows[(variant, seed)]["prior_exact_same_images"] = _prior_on_bound_images(
-                    run_dir, int(TIGHT[data][1].split("=")[1]))
-    return rows
-
-
-def _prior_on_bound_images(run_dir: Path, bound_n: int) -> float:
-    """The prior's exact LL on the very test images `score_run` bounded (same seeded subsets)."""
-    cfg, device = load_run_config(run_dir), pick_device()
-    prior = load_model(run_dir, cfg, device).prior
-    test = subset(to_pixels(load_data(cfg).test.images, device), cfg.score.test_n, cfg.seed + 1)
-    return prior.log_prob(subset(test, bound_n, cfg.seed + 2)).mean().item()
-
-
-def tight_table(rows: dict, data: str) -> list[str]:
-    k = rows[next(iter(rows))]["samples"]
-    lines = [f"tighter bound ({data}, K={k}, {rows[next(iter(rows))]['n']} test images, "
-             "s=0.02; mean ± std over seeds):", "",
-             "| model | model's own chain (α=0 proposal) | infusion proposal | prior exact, same "
-             "images |", "|---|---|---|---|"]
-    for variant in ("infusion", "alpha0"):
-        b = [v for (name, _), v in rows.items() if name == variant]
-        lines.append(f"| {variant} | {mean_std([x['chain']['test'] for x in b])} | "
-                     f"{mean_std([x['infusion']['test'] for x in b])} | "
-                     f"{mean_std([x['prior_exact_same_images'] for x in b])} |")
-    return lines + [""]
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def table(results: dict, data: str) -> list[str]:
-    lines = [f"### {data}", "",
-             "| model | seeds | Parzen LL (test) | σ | lower bound (test) | bound proposal "
-             "(val) | infusion-proposal bound | train s |",
-             "|---|---|---|---|---|---|---|---|"]
-    main = [r for (d, v, _), r in results.items() if d == data and v == "infusion"]
-    if main:
-        lines.append(f"| prior alone | {len(main)} | "
-                     f"{mean_std([r['prior']['parzen']['test_ll'] for r in main])} | "
-                     f"{main[0]['prior']['parzen']['sigma']} | "
-                     f"{mean_std([r['prior']['exact_ll'] for r in main])} (exact) | – | – | – |")
-    for variant in VARIANTS:
-        runs = [r for (d, v, _), r in results.items() if d == data and v == variant]
-        if not runs:
-            continue
-        b = [r["chain"]["bound"] for r in runs]
-        picks = ",".join(sorted({"same (α=0)" if x["infusion"]["test"] == x["chain"]["test"]
-                                 else x["picked_on_val"] for x in b}))
-        lines.append(
-            f"| {variant} | {len(runs)} | "
-            f"{mean_std([r['chain']['parzen']['test_ll'] for r in runs])} | "
-            f"{runs[0]['chain']['parzen']['sigma']} | {mean_std([x['test_bound'] for x in b])} | "
-            f"{picks} | {mean_std([x['infusion']['test'] for x in b])} "
-            f"(s={b[0]['infusion']['std']}) | "
-            f"{statistics.mean(r['train']['train_time_s'] for r in runs):.0f} |")
-    return lines + [""]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.1)
-    parser.add_argument("--out", default="runs/study_infusion")
-    parser.add_argument("--img", default="docs/img")
-    parser.add_argument("--data", nargs="*", default=["digits", "fashion-mnist"])
-    args = parser.parse_args()
+    parser.add_argument("--part", choices=("all", "main", "long"), default="all")
+    parser.add_argument("--out", type=Path, default=Path("runs/study_infusion"))
+    parser.add_argument("--raw", type=Path, default=ROOT / "docs" / "results" / "infusion")
+    parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--data", nargs="*", default=["digits", "fashion-mnist"],
+                        help="datasets of the main part (the long part is digits)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    results = {}
-    for data in args.data:
-        for variant, (_, seeds) in VARIANTS.items():
-            for seed in seeds.get(data, ()):
-                results[(data, variant, seed)] = run_one(out, data, variant, seed, args.scale)
-                r = results[(data, variant, seed)]
-                print(f"{data} {variant} s{seed}: Parzen {r['chain']['parzen']['test_ll']:.1f} "
-                      f"bound {r['chain']['bound']['test_bound']:.1f} "
-                      f"(prior Parzen {r['prior']['parzen']['test_ll']:.1f}, "
-                      f"exact {r['prior']['exact_ll']:.1f})", flush=True)
-            if seeds.get(data):
-                save_grids(out, data, variant, Path(args.img))
-    tight = {data: tight_bounds(out, data) for data in args.data}
-    sweeps = {data: k_sweep(out, data, (1, 10, 100) if data == "digits" else (1, 10, 50))
-              for data in args.data}
-    wall = time.perf_counter() - start
-    md = [f"scale={args.scale}, threads=1, wall this invocation {wall:.0f} s", ""]
-    for data in args.data:
-        md += table(results, data)
-        md += tight_table(tight[data], data)
-        md += [f"bound vs K on 100 test images ({data}, infusion s0, s=0.02): "
-               + ", ".join(f"{k} {v['mean']:.1f} (median {v['median']:.1f})"
-                           for k, v in sweeps[data].items() if k != "prior_exact")
-               + f"; prior exact {sweeps[data]['prior_exact']:.1f}", ""]
-    (out / "results.md").write_text("\n".join(md))
-    (out / "results.json").write_text(json.dumps(
-        {f"{d}/{v}/s{s}": r for (d, v, s), r in results.items()}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    study(plan(args.part, args.data), args.out, args.raw, args.scale, args.img)
+    md = [f"## {name}\n\n{fn(args.raw)}\n" for name, fn in infusion_tables.TABLES.items()]
+    (args.out / "results.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

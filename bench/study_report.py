@@ -1,15 +1,15 @@
-"""The studies' tables and plots: `python bench/studies.py report` (bench/studies.py holds the
-study definitions, running, freezing and the command line).
+"""The studies' tables (`python bench/report.py`, TABLES) and plots (`python bench/studies.py
+report`); bench/studies.py holds the study definitions, running, freezing and the command line.
 
-Reads whatever study runs have finished under --out/<scale> (each run's summary.json and its
-evals/<dataset tag>.json, seed by seed), and builds per study (REPORTS: guillotine, width,
-cheap) a markdown table, mean ± std over the seeds found, and its plots under --docs/img.
-A run family with no finished seed is left out of its table; a plot with nothing to draw is
-not written.
+Both read a folder of runs laid out as <run>-s<seed>/ with summary.json and evals/<dataset
+tag>.json: the committed raw results (docs/results/studies/<scale>) or a run folder. A table
+cell is the mean ± sample std over the seeds found (seeds 0..SEEDS-1); a run family with no
+finished seed is left out of its table; a plot with nothing to draw is not written.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -22,6 +22,9 @@ from ssl_lab.plots import plt, save_figure  # headless backend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from studies import NOISE_STDS, PROJ_DIMS, SHAPES_FACTORS, WIDTHS  # noqa: E402
+
+SEEDS = 3  # the seeds the published tables use: runs <name>-s0 .. -s2
+VIEWS_VS_DATA = ["mvbarlow-d256-scaled-v2", "mvbarlow-d256-scaled-v4-f0.185"]
 
 # ----------------------------------------------------------------------------- reading results
 
@@ -72,11 +75,21 @@ def layers_of(fam: Seeds) -> list[str]:
     return list(fam.reports[0]["layers"]) if fam.reports else []
 
 
+def falls_through_projector(report: dict) -> bool:
+    """Linear test top-1 strictly falls at every step from the backbone to the last layer."""
+    layers = list(report["layers"])
+    accs = [report["layers"][k]["linear_test"] for k in layers[layers.index("backbone"):]]
+    return all(a > b for a, b in itertools.pairwise(accs))
+
+
 def per_layer_table(families: list[Seeds], random_init: bool = True) -> str:
-    """Linear-probe test top-1 per layer, mean ± std over seeds, + best layer (on val) counts."""
+    """Linear-probe test top-1 per layer, mean ± std over seeds, the best layer (on val) of each
+    seed, the backbone − last-layer gap and in how many seeds accuracy falls at every layer
+    after the backbone."""
     layers = next((layers_of(f) for f in families if f.reports), [])
-    head = "| run | seeds | " + " | ".join(layers) + " | best layer (val) | backbone − last |"
-    lines = [head, "|" + "---|" * (len(layers) + 4)]
+    head = ("| run | seeds | " + " | ".join(layers)
+            + " | best layer (val) | backbone − last | falls through projector |")
+    lines = [head, "|" + "---|" * (len(layers) + 5)]
     for fam in families:
         if not fam.reports:
             continue
@@ -85,10 +98,11 @@ def per_layer_table(families: list[Seeds], random_init: bool = True) -> str:
             for r in fam.reports
         ]
         best = ", ".join(sorted(r["best_layer"] for r in fam.reports))
+        falls = sum(falls_through_projector(r) for r in fam.reports)
         lines.append(
             f"| {fam.name} | {len(fam.reports)} | "
             + " | ".join(cell(layer_values(fam, k)) for k in layers)
-            + f" | {best} | {cell(gap)} |"
+            + f" | {best} | {cell(gap)} | {falls} of {len(fam.reports)} |"
         )
     if random_init:
         fam = next((f for f in families if f.reports and "random_init" in f.reports[0]), None)
@@ -96,45 +110,44 @@ def per_layer_table(families: list[Seeds], random_init: bool = True) -> str:
             lines.append(
                 f"| random-init ({fam.name} arch) | {len(fam.reports)} | "
                 + " | ".join(cell(layer_values(fam, k, source="random_init")) for k in layers)
-                + " | | |"
+                + " | | | |"
             )
             pix = [r["pixels"]["linear_test"] for r in fam.reports if "pixels" in r]
             lines += ["", f"Raw pixels, same probe: {cell(pix)} ({len(pix)} seeds)."]
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the reports
+# ----------------------------------------------------------------------------- the tables
+
+GUILLOTINE = ["simclr", "vicreg", "simclr-weak", "supcon"]
+DIGITS = "digits"  # the transfer evaluation's dataset tag
+CHEAP_HEAD = [
+    "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
+    "|---|---|---|---|---|---|",
+]
 
 
-def report_guillotine(out: Path, seeds: int, img: Path) -> str:
-    names = ["simclr", "vicreg", "simclr-weak", "supcon"]
-    parts = ["## Guillotine: per-layer linear probe (test top-1 %, mean ± std over seeds)", ""]
-    for title, make in (("", per_layer_table), ("kNN top-1 per layer: ", _knn_table)):
-        for where, tag in (("In distribution (Fashion-MNIST)", None),
-                           ("Transfer to digits (encoder frozen, images resized to 28 px)",
-                            "digits")):
-            parts += [f"### {title}{where}", "", make([load(out, n, seeds, tag) for n in names]),
-                      ""]
-    factor_fams = [load(out, "simclr-shapes", seeds, f"shapes-{f}") for f in SHAPES_FACTORS]
+def guillotine_linear(raw: Path, tag: str | None = None, seeds: int = SEEDS) -> str:
+    return per_layer_table([load(raw, n, seeds, tag) for n in GUILLOTINE])
+
+
+def guillotine_knn(raw: Path, tag: str | None = None, seeds: int = SEEDS) -> str:
+    return _knn_table([load(raw, n, seeds, tag) for n in GUILLOTINE])
+
+
+def _shapes_families(raw: Path, seeds: int) -> list[Seeds]:
+    factor_fams = [load(raw, "simclr-shapes", seeds, f"shapes-{f}") for f in SHAPES_FACTORS]
     for fam, factor in zip(factor_fams, SHAPES_FACTORS, strict=True):
         fam.name = f"factor: {factor}"
-    own = load(out, "simclr-shapes", seeds)  # its own evaluation: the default factor, shape
+    return factor_fams
+
+
+def guillotine_shapes(raw: Path, seeds: int = SEEDS) -> str:
+    own = load(raw, "simclr-shapes", seeds)  # its own evaluation: the default factor, shape
     floor = [f"| random-init, factor: shape | {len(own.reports)} | "
              + " | ".join(cell(layer_values(own, k, source="random_init")) for k in layers_of(own))
-             + " | | |"] if own.reports else []
-    parts += [
-        "### shapes: one SimCLR encoder, probed per factor",
-        "",
-        "\n".join([per_layer_table(factor_fams, random_init=False), *floor]),
-        "",
-    ]
-    _plot_layers(
-        [load(out, n, seeds) for n in names],
-        img / "study-guillotine.png",
-        "Fashion-MNIST, linear probe per layer",
-    )
-    _plot_layers(factor_fams, img / "study-guillotine-shapes.png", "shapes: SimCLR layers per factor")
-    return "\n".join(parts)
+             + " | | | |"] if own.reports else []
+    return "\n".join([per_layer_table(_shapes_families(raw, seeds), random_init=False), *floor])
 
 
 def _knn_table(families: list[Seeds]) -> str:
@@ -148,119 +161,102 @@ def _knn_table(families: list[Seeds]) -> str:
     return "\n".join(lines)
 
 
-def report_width(out: Path, seeds: int, img: Path) -> str:
-    head = (
-        "| method | last_width | seeds | backbone linear | best layer linear | digits transfer (backbone) "
-        "| zero frac | binarised gap | MLP − linear | RankMe | random-init backbone | random-init digits |"
-    )
-    lines = [
-        "## Expand/Narrow: last_width with the projector fixed (backbone layer unless said)",
-        "",
-        head,
-        "|" + "---|" * 12,
-    ]
-    curves: dict[str, dict[str, list]] = {}
+def _width_rows(raw: Path, seeds: int):
+    """(method, width, family, its digits family, {metric: per-seed values}) per finished run."""
     for method in ("simclr", "supervised"):
         for w in WIDTHS:
             name = "simclr" if (method, w) == ("simclr", 512) else f"{method}-lw{w}"
-            fam, tr = load(out, name, seeds), load(out, name, seeds, "digits")
+            fam, tr = load(raw, name, seeds), load(raw, name, seeds, DIGITS)
             if not fam.reports:
                 continue
-            rows = {
+            backbone = [r["layers"]["backbone"] for r in fam.reports]
+            yield method, w, fam, tr, {
                 "backbone linear": layer_values(fam, "backbone"),
                 "best layer linear": metric(fam, lambda r: r["layers"][r["best_layer"]]["linear_test"]),
                 "digits transfer": layer_values(tr, "backbone"),
                 "zero frac": layer_values(fam, "backbone", "zero_frac"),
-                "binarised gap": metric(
-                    fam,
-                    lambda r: (
-                        r["layers"]["backbone"]["linear_test"] - r["layers"]["backbone"]["binarized_test"]
-                    ),
-                ),
-                "MLP − linear": metric(
-                    fam,
-                    lambda r: (
-                        r["layers"]["backbone"].get("mlp_test", float("nan"))
-                        - r["layers"]["backbone"]["linear_test"]
-                    ),
-                ),
+                "binarised gap": [b["linear_test"] - b["binarized_test"] for b in backbone],
+                "MLP − linear": [b.get("mlp_test", float("nan")) - b["linear_test"] for b in backbone],
             }
-            rank = mean_std(layer_values(fam, "backbone", "rankme"))
-            floors = [cell(layer_values(f, "backbone", source="random_init")) for f in (fam, tr)]
-            lines.append(
-                f"| {method} | {w} | {len(fam.reports)} | "
-                + " | ".join(cell(v) for v in rows.values())
-                + f" | {rank[0]:.1f} | {floors[0]} | {floors[1]} |"
-            )
-            for key, values in rows.items():
-                curves.setdefault(key, {}).setdefault(method, []).append((w, *mean_std(values)))
-    _plot_width(curves, img / "study-width.png")
-    return "\n".join(lines)
 
 
-def report_cheap(out: Path, seeds: int, img: Path) -> str:
-    names = ["simclr", "simclr-neg1", *(f"simclr-noise{s}" for s in NOISE_STDS), "simclr-b32"]
+def width_table(raw: Path, seeds: int = SEEDS) -> str:
     lines = [
-        "## Cheap SSL: SimCLR variants (test top-1 %, mean ± std over seeds)",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
+        "| method | last_width | seeds | backbone linear | best layer linear | best layer (val) "
+        "| digits transfer (backbone) | zero frac | binarised gap | MLP − linear | RankMe "
+        "| random-init backbone | random-init digits |",
+        "|" + "---|" * 13,
     ]
-    floor = None
-    for name in names:
-        fam = load(out, name, seeds)
-        if not fam.reports:
-            continue
-        floor = floor or fam
-        lines.append(_cheap_row(name, fam))
-    if floor:
-        rnd = metric(floor, lambda r: max(v["linear_test"] for v in r["random_init"].values()))
-        lines.append(f"| random-init floor (its best layer) | {len(rnd)} | | {cell(rnd)} | | |")
-    lines += [
-        "",
-        "## Small projectors: multiview_barlow, projector d ∈ {16, 256}, β fixed (0.04) vs β = 0.04·64/d",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for d in PROJ_DIMS:
-        for kind in ("fixed", "scaled"):
-            name = f"mvbarlow-d{d}-{kind}-v2"
-            fam = load(out, name, seeds)
-            if fam.reports:
-                lines.append(_cheap_row(name, fam))
-    lines += [
-        "",
-        "## Views vs data: V=2 on the whole subset vs V=4 on half of it (equal epochs)",
-        "",
-        "| run | seeds | backbone linear | best layer linear (val-chosen) | kNN @best | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ("mvbarlow-d256-scaled-v2", "mvbarlow-d256-scaled-v4-f0.185"):
-        fam = load(out, name, seeds)
-        if fam.reports:
-            lines.append(_cheap_row(name, fam))
-    _plot_wallclock(out, seeds, img / "study-views-wallclock.png")
+    for method, w, fam, tr, rows in _width_rows(raw, seeds):
+        values = list(rows.values())
+        rank = mean_std(layer_values(fam, "backbone", "rankme"))
+        floors = [cell(layer_values(f, "backbone", source="random_init")) for f in (fam, tr)]
+        best = ", ".join(sorted(r["best_layer"] for r in fam.reports))
+        lines.append(
+            f"| {method} | {w} | {len(fam.reports)} | "
+            + " | ".join(cell(v) for v in values[:2]) + f" | {best} | "
+            + " | ".join(cell(v) for v in values[2:])
+            + f" | {rank[0]:.1f} | {floors[0]} | {floors[1]} |"
+        )
     return "\n".join(lines)
 
 
-def _cheap_row(name: str, fam: Seeds) -> str:
+def cheap_simclr(raw: Path, seeds: int = SEEDS) -> str:
+    names = ["simclr", "simclr-neg1", *(f"simclr-noise{s}" for s in NOISE_STDS), "simclr-b32"]
+    families = [fam for fam in (load(raw, n, seeds) for n in names) if fam.reports]
+    lines = [*CHEAP_HEAD, *(_cheap_row(fam) for fam in families)]
+    if families:
+        rnd = metric(families[0], lambda r: max(v["linear_test"] for v in r["random_init"].values()))
+        lines.append(f"| random-init floor (its best layer) | {len(rnd)} | | {cell(rnd)} | | |")
+    return "\n".join(lines)
+
+
+def cheap_projector(raw: Path, seeds: int = SEEDS) -> str:
+    names = [f"mvbarlow-d{d}-{kind}-v2" for d in PROJ_DIMS for kind in ("fixed", "scaled")]
+    return _cheap_rows(raw, names, seeds)
+
+
+def cheap_views(raw: Path, seeds: int = SEEDS) -> str:
+    return _cheap_rows(raw, VIEWS_VS_DATA, seeds)
+
+
+def _cheap_rows(raw: Path, names: list[str], seeds: int) -> str:
+    families = [fam for fam in (load(raw, n, seeds) for n in names) if fam.reports]
+    return "\n".join([*CHEAP_HEAD, *(_cheap_row(fam) for fam in families)])
+
+
+def _cheap_row(fam: Seeds) -> str:
     best = metric(fam, lambda r: r["layers"][r["best_layer"]]["linear_test"])
     knn = metric(fam, lambda r: r["layers"][r["best_layer"]]["knn_test"])
     train_s = mean_std([s["train_s"] for s in fam.summaries])
     return (
-        f"| {name} | {len(fam.reports)} | {cell(layer_values(fam, 'backbone'))} | {cell(best)} | "
+        f"| {fam.name} | {len(fam.reports)} | {cell(layer_values(fam, 'backbone'))} | {cell(best)} | "
         f"{cell(knn)} | {train_s[0]:.0f} |"
     )
+
+
+# name -> table of the raw-results folder of one scale (docs/results/studies/<scale>); registered
+# in bench/report.py, which fills the marked tables of docs/studies/*.md and docs/RESULTS.md
+TABLES: dict[str, Callable[[Path], str]] = {
+    "study-guillotine": guillotine_linear,
+    "study-guillotine-digits": lambda raw: guillotine_linear(raw, DIGITS),
+    "study-guillotine-knn": guillotine_knn,
+    "study-guillotine-knn-digits": lambda raw: guillotine_knn(raw, DIGITS),
+    "study-guillotine-shapes": guillotine_shapes,
+    "study-width": width_table,
+    "study-cheap-simclr": cheap_simclr,
+    "study-cheap-projector": cheap_projector,
+    "study-cheap-views": cheap_views,
+}
 
 
 # ----------------------------------------------------------------------------- plots
 
 
-def _plot_layers(families: list[Seeds], path: Path, title: str) -> None:
+def _plot_layers(families: list[Seeds], path: Path, title: str) -> Path | None:
     families = [f for f in families if f.reports]
     if not families:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     layers = layers_of(families[0])
     for fam in families:
@@ -279,11 +275,12 @@ def _plot_layers(families: list[Seeds], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=110)
+    return path
 
 
-def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> None:
+def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> Path | None:
     if not curves:
-        return
+        return None
     keys = ["backbone linear", "digits transfer", "zero frac", "binarised gap", "MLP − linear"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for ax, key in zip(axes, keys, strict=True):
@@ -298,6 +295,7 @@ def _plot_width(curves: dict[str, dict[str, list]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     save_figure(fig, path, dpi=110)
+    return path
 
 
 def online_curve(run_dir: Path) -> tuple[list[float], list[float]]:
@@ -323,11 +321,8 @@ def _views_and_batch(run_dir: Path) -> tuple[int, int]:
     return cfg.views.n, cfg.optim.batch_size
 
 
-def _plot_wallclock(out: Path, seeds: int, path: Path) -> None:
-    runs = {
-        "V=2, whole subset": "mvbarlow-d256-scaled-v2",
-        "V=4, half subset": "mvbarlow-d256-scaled-v4-f0.185",
-    }
+def _plot_wallclock(out: Path, seeds: int, path: Path) -> Path | None:
+    runs = dict(zip(("V=2, whole subset", "V=4, half subset"), VIEWS_VS_DATA, strict=True))
     fig, ax = plt.subplots(figsize=(6, 4))
     drew = False
     for (label, name), colour in zip(runs.items(), ("C0", "C1"), strict=True):
@@ -339,12 +334,27 @@ def _plot_wallclock(out: Path, seeds: int, path: Path) -> None:
                 drew = True
     if not drew:
         plt.close(fig)
-        return
+        return None
     ax.set_xlabel("training time (s, this machine, 1 thread)")
     ax.set_ylabel("online backbone probe (train views, %)")
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=110)
+    return path
 
 
-REPORTS = {"guillotine": report_guillotine, "width": report_width, "cheap": report_cheap}
+def plot_all(raw: Path, seeds: int, img: Path) -> list[Path]:
+    """Draw every study plot that has data into img/; the paths written."""
+    curves: dict[str, dict[str, list]] = {}
+    for method, w, _, _, rows in _width_rows(raw, seeds):
+        for key, values in rows.items():
+            curves.setdefault(key, {}).setdefault(method, []).append((w, *mean_std(values)))
+    drawn = [
+        _plot_layers([load(raw, n, seeds) for n in GUILLOTINE], img / "study-guillotine.png",
+                     "Fashion-MNIST, linear probe per layer"),
+        _plot_layers(_shapes_families(raw, seeds), img / "study-guillotine-shapes.png",
+                     "shapes: SimCLR layers per factor"),
+        _plot_width(curves, img / "study-width.png"),
+        _plot_wallclock(raw, seeds, img / "study-views-wallclock.png"),
+    ]
+    return [path for path in drawn if path]

@@ -178,5 +178,45 @@ def test_per_layer_table_is_mean_and_std_over_seeds(study_report, tmp_path):
     fam = study_report.load(tmp_path, "simclr", seeds=3)  # seed 2 has not run: 2 seeds
     table = study_report.per_layer_table([fam], random_init=False)
     row = table.splitlines()[-1]
-    # backbone mean 82.0, sample std 2.8; backbone - z gap 12.0 ± 2.8
-    assert row.startswith("| simclr | 2 | 82.0 ± 2.8 | 70.0 ± 0.0 |") and row.endswith("| 12.0 ± 2.8 |")
+    # backbone mean 82.0, sample std 2.8; backbone - z gap 12.0 ± 2.8; falls in both seeds
+    assert row.startswith("| simclr | 2 | 82.0 ± 2.8 | 70.0 ± 0.0 |")
+    assert row.endswith("| 12.0 ± 2.8 | 2 of 2 |")
+
+
+def test_falls_through_projector_needs_a_drop_at_every_layer_after_the_backbone(study_report):
+    def report(*accs):
+        names = ["stage1", "backbone", "proj1", "proj2"]
+        return {"layers": {k: {"linear_test": a} for k, a in zip(names, accs, strict=True)}}
+
+    assert study_report.falls_through_projector(report(0.1, 0.8, 0.7, 0.6))  # stage1 is ignored
+    assert not study_report.falls_through_projector(report(0.1, 0.8, 0.7, 0.75))
+    assert not study_report.falls_through_projector(report(0.1, 0.8, 0.8, 0.6))  # a tie: no drop
+
+
+def test_collect_copies_the_small_files_of_finished_runs_only(studies, tmp_path):
+    run, unfinished = (r.seeded(0) for r in studies.protocol_runs()[:2])
+    run_dir = tmp_path / "runs" / run.dir_name
+    _fake_run(run_dir, 0, backbone=0.8, z=0.7)
+    for name in ("config.yaml", "metrics.jsonl", "evals/digits.json"):
+        (run_dir / name).write_text(name)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.safetensors").write_bytes(b"weights")
+    raw = tmp_path / "raw"
+    assert studies.collect(run, tmp_path / "runs", raw)
+    assert not studies.collect(unfinished, tmp_path / "runs", raw)
+    kept = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
+    assert kept == [f"{run.dir_name}/{f}" for f in ("config.yaml", "evals/digits.json",
+                                                    "evals/fashion-mnist.json", "metrics.jsonl",
+                                                    "summary.json")]
+
+
+def test_every_study_table_reads_the_committed_raw_folder(study_report):
+    """report.py registers each study table on docs/results/studies/cpu, and the tables are
+    not empty there: a renamed run or folder would leave a header-only table."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    raw = ROOT / "docs" / "results" / "studies" / "cpu"
+    for name, fn in study_report.TABLES.items():
+        assert report.TABLES[name](ROOT / "docs") == fn(raw)
+        assert len(fn(raw).splitlines()) > 2, name

@@ -15,8 +15,8 @@ of the config, as a run directory's config.yaml does, except seed and run.dir. `
 run's config from that file alone plus `seed=` and `run.dir=` (an extra evaluation adds its own
 overrides), so neither configs/*.yaml nor ssl_lab.config's defaults, which both move, change a
 study, and a file that lacks a key of today's config schema stops `run` rather than take the
-key's default. Bit-exact numbers also need the code the studies ran with (docs/RESULTS.md:
-commit 6cec663, before the small-map convolutions changed the order of float sums).
+key's default. Bit-exact numbers also need the code the published runs used (the git revision
+in each raw run's env.json) and one thread per run: both set the order of float sums.
 
 `freeze` (re)writes those files from the published protocol: bench/study_protocols/
 published_defaults.yaml (the defaults of commit 26957dd, which the published runs used, and
@@ -32,7 +32,7 @@ skipped and interrupted runs resume, so the command continues where it stopped. 
 ordered seed by seed, so an early stop leaves every study with the same, complete seeds.
 `--worker i/n` takes every n-th run from the i-th: n processes split the work (one thread each
 at the cpu scale). Each finished run's small files (summary.json, config.yaml, metrics.jsonl,
-evals/*.json: no weights) are copied to the raw-results folder, --raw/<scale>/<run>-s<seed>/,
+env.json with the git revision, evals/*.json: no weights) are copied to the raw-results folder, --raw/<scale>/<run>-s<seed>/,
 which is committed; `collect` copies them for runs that finished elsewhere. The tables in
 docs/studies/*.md and docs/RESULTS.md are built from that folder by `python bench/report.py`
 (bench/study_report.py's TABLES); `report` draws the plots (docs/studies/img) from it.
@@ -53,7 +53,7 @@ from ssl_lab.eval.run import dataset_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "docs" / "results" / "studies"  # <scale>/<run>-s<seed>/: committed raw files
-RAW_FILES = ("summary.json", "config.yaml", "metrics.jsonl")  # + evals/*.json
+RAW_FILES = ("summary.json", "config.yaml", "metrics.jsonl", "env.json")  # + evals/*.json
 SCALES = {
     "cpu": (
         "model.width=0.125",

@@ -11,7 +11,7 @@ Each run is a study protocol as frozen in bench/study_protocols/cpu/<protocol>.y
 width and the evaluation stay the studies' (bench/studies.py). 6 protocols x 2 seeds = 12 runs.
 `run` trains what is missing, seed by seed (an early stop leaves complete seeds); finished runs
 are skipped, interrupted ones resumed; `--worker i/n` takes every n-th run from the i-th (two
-processes, one thread each, on a 2-core machine). Each finished run's summary.json, config.yaml
+processes, one thread each, on a 2-core machine). Each finished run's summary.json, config.yaml, env.json
 and eval.json are copied to <raw>/<protocol>-e12/seed<k>/; a run whose raw files exist is not
 trained again.
 
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCALE = "cpu"
 STUDY_EPOCHS = 3
 EPOCHS = 4 * STUDY_EPOCHS  # the issue's "4x the epochs"; optim.warmup_epochs stays at 1
-FILES = ("summary.json", "config.yaml", "eval.json")
+FILES = ("summary.json", "config.yaml", "eval.json", "env.json")  # env: the git revision
 
 Report = dict  # an eval report: evals/<dataset>.json = eval.json
 

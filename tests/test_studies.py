@@ -197,7 +197,7 @@ def test_collect_copies_the_small_files_of_finished_runs_only(studies, tmp_path)
     run, unfinished = (r.seeded(0) for r in studies.protocol_runs()[:2])
     run_dir = tmp_path / "runs" / run.dir_name
     _fake_run(run_dir, 0, backbone=0.8, z=0.7)
-    for name in ("config.yaml", "metrics.jsonl", "evals/digits.json"):
+    for name in ("config.yaml", "metrics.jsonl", "env.json", "evals/digits.json"):
         (run_dir / name).write_text(name)
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.safetensors").write_bytes(b"weights")
@@ -205,7 +205,7 @@ def test_collect_copies_the_small_files_of_finished_runs_only(studies, tmp_path)
     assert studies.collect(run, tmp_path / "runs", raw)
     assert not studies.collect(unfinished, tmp_path / "runs", raw)
     kept = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
-    assert kept == [f"{run.dir_name}/{f}" for f in ("config.yaml", "evals/digits.json",
+    assert kept == [f"{run.dir_name}/{f}" for f in ("config.yaml", "env.json", "evals/digits.json",
                                                     "evals/fashion-mnist.json", "metrics.jsonl",
                                                     "summary.json")]
 

@@ -84,6 +84,7 @@ def test_a_finished_run_is_copied_without_training(targeted, tmp_path, monkeypat
     save_config(targeted.run_config(run, tmp_path / "runs"), run_dir / "config.yaml")
     (run_dir / "summary.json").write_text('{"epochs": 12.0}')
     (run_dir / "eval.json").write_text('{"best_layer": "backbone"}')
+    (run_dir / "env.json").write_text('{"git_revision": "abc"}')
     targeted.execute(run, tmp_path / "runs", tmp_path / "raw")  # run_point: done, skipped
     keep = tmp_path / "raw" / "simclr-weak-e12" / "seed1"
     assert sorted(p.name for p in keep.iterdir()) == sorted(targeted.FILES)
@@ -99,7 +100,7 @@ def test_an_interrupted_run_is_resumed_then_copied(targeted, tmp_path, monkeypat
 
     def train(cfg):  # stands in for the rest of the run
         seen.append((cfg.resume, cfg.train.epochs, cfg.seed))
-        for name in ("summary.json", "eval.json"):
+        for name in ("summary.json", "eval.json", "env.json"):
             (run_dir / name).write_text("{}")
 
     monkeypatch.setattr("ssl_lab.train_loop.train", train)

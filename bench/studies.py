@@ -32,10 +32,11 @@ skipped and interrupted runs resume, so the command continues where it stopped. 
 ordered seed by seed, so an early stop leaves every study with the same, complete seeds.
 `--worker i/n` takes every n-th run from the i-th: n processes split the work (one thread each
 at the cpu scale). Each finished run's small files (summary.json, config.yaml, metrics.jsonl,
-env.json with the git revision, evals/*.json: no weights) are copied to the raw-results folder, --raw/<scale>/<run>-s<seed>/,
-which is committed; `collect` copies them for runs that finished elsewhere. The tables in
-docs/studies/*.md and docs/RESULTS.md are built from that folder by `python bench/report.py`
-(bench/study_report.py's TABLES); `report` draws the plots (docs/studies/img) from it.
+env.json with the git revision, evals/*.json: no weights) are copied to the raw-results
+folder, --raw/<scale>/<run>-s<seed>/, which is committed; `collect` copies them for runs that
+finished elsewhere. The tables in docs/studies/*.md and docs/RESULTS.md are built from that
+folder by `python bench/report.py` (bench/study_report.py's TABLES); `report` draws the
+plots (docs/studies/img) from it.
 
 `--scale cpu` is sized for a 2-core CPU (1/8-width ResNet-18, a 20k-image subset, 3 epochs);
 `--scale gpu` is the full-size version (full-width ResNet-18, every image, 100 epochs).

@@ -45,6 +45,16 @@ def measure(src: Path, steps: int, overrides: list[str]) -> float:
     return float(child.stdout.strip().splitlines()[-1])
 
 
+def table(result: dict, a: str = "A", b: str = "B") -> str:
+    """docs/RESULTS.md's table from the JSON this script writes (`--out`): each tree's median
+    and runs (views/s), and the ratio of the medians, B over A."""
+    def runs(key: str) -> str:
+        return (f"{result['median'][key]:,.0f} "
+                f"({', '.join(f'{x:,.0f}' for x in result['runs'][key])})")
+    return "\n".join([f"| {a} views/s | {b} views/s | speed-up |", "|---|---|---:|",
+                      f"| {runs('a')} | {runs('b')} | **{result['b_over_a']:.2f}×** (medians) |"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("a", type=Path, help="source tree A (the directory holding ssl_lab/)")

@@ -99,6 +99,19 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))
 
 
+def table(result: dict) -> str:
+    """docs/RESULTS.md's table from the JSON this script writes (`--out`): every model-only and
+    full-loop run, and each loop's ratio to the mean of the model-only runs bracketing it."""
+    ceilings, loops = result["model_only_runs"], result["loop_runs"]
+    ratios = ", ".join(f"{100 * r:.1f} %" for r in result["bracketed_ratios"])
+    return "\n".join([
+        f"| model-only views/s ({len(ceilings)} runs) | full loop views/s ({len(loops)} runs) "
+        "| loop / mean of its two brackets |",
+        "|---|---|---|",
+        f"| {', '.join(f'{c:,.0f}' for c in ceilings)} | {', '.join(f'{x:,.0f}' for x in loops)} "
+        f"| {ratios} (median **{100 * result['ratio']:.1f} %**) |"])
+
+
 def full_loop_steps(cfg, steps: int) -> float:
     """Run the real loop for one epoch of a training subset sized to `steps` steps."""
     n_train = len(load_training_data(cfg).train.images)

@@ -161,6 +161,27 @@ def main() -> None:
         write_result(args.out, result, load_before)
 
 
+def table(result: dict) -> str:
+    """docs/RESULTS.md's table from the JSON this script writes (`--out`): each pipeline's ms per
+    call, views/s and ssl-lab's speed-up over it, to two decimals as measured."""
+    rows = result["results"]
+    labels = {"ssl_lab": "**ssl-lab** (`ssl_lab.data.views.ViewGenerator`)",
+              "kornia": f"kornia {result.get('kornia')} `AugmentationSequential`, same ops and "
+                        "parameters",
+              "per_image_loop": "per-image torch ops in a Python loop "
+                                f"({rows.get('per_image_loop', {}).get('views_per_call')} views / call)"}
+    lines = [f"| pipeline | ms / call ({rows['ssl_lab']['views_per_call']} views) | views / s "
+             "| ssl-lab speed-up |", "|---|---:|---:|---:|"]
+    for name, row in rows.items():
+        per_s, speedup = f"{row['views_per_s']:,.0f}", f"{row['ssl_lab_speedup']:.2f}×"
+        if name == "ssl_lab":  # the two numbers the target is about, in bold
+            per_s = f"**{per_s}**"
+        elif name == "kornia":
+            speedup = f"**{speedup}**"
+        lines.append(f"| {labels.get(name, name)} | {row['ms_per_call']:.1f} | {per_s} | {speedup} |")
+    return "\n".join(lines)
+
+
 def write_result(path: Path, result: dict, load_before: float) -> None:
     """`result` + the machine it ran on, as JSON (the 1-minute load average says whether other
     work shared the cores)."""

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_loader  # noqa: E402  (sibling scripts: their table functions)
+import ab_src  # noqa: E402  (sibling scripts: their table functions)
+import bench_loader  # noqa: E402
+import bench_train  # noqa: E402
+import bench_views  # noqa: E402
 import eval_scale  # noqa: E402
 import infusion_tables  # noqa: E402
 import main_job  # noqa: E402
@@ -34,6 +37,7 @@ import method_trials  # noqa: E402
 import methods_seeds  # noqa: E402
 import rcdm_tables  # noqa: E402
 import recipe_select  # noqa: E402
+import small_conv  # noqa: E402
 import study_report  # noqa: E402
 import targeted  # noqa: E402
 
@@ -53,8 +57,12 @@ def _main_job_pair(tag: str) -> Callable[[Path], str]:
     return build
 
 
+def _bench(root: Path, name: str) -> dict:
+    return json.loads((root / "bench" / name).read_text())
+
+
 def _eval_scale(name: str) -> Callable[[Path], str]:
-    return lambda root: eval_scale.table(json.loads((root / "bench" / name).read_text()))
+    return lambda root: eval_scale.table(_bench(root, name))
 
 
 TABLES: dict[str, Callable[[Path], str]] = {
@@ -74,6 +82,11 @@ TABLES: dict[str, Callable[[Path], str]] = {
         name: json.loads((root / "bench" / f"{name}.json").read_text())
         for name in ("loader", "loader_s11_run1", "loader_s11_run3")}),
     "eval-scale-blocked-50k": _eval_scale("eval_scale_blocked_50k.json"),
+    "train-throughput": lambda root: bench_train.table(_bench(root, "train_throughput_s11.json")),
+    "small-conv": lambda root: small_conv.table(_bench(root, "small_conv.json")),
+    "dense-build-ab": lambda root: ab_src.table(_bench(root, "dense_build_ab.json"),
+                                                a="before (83eb7fb)", b="after"),
+    "view-generation": lambda root: bench_views.table(_bench(root, "views.json")),
     # the studies at the cpu scale: docs/studies/*.md and docs/RESULTS.md
     **{name: (lambda root, fn=fn: fn(root / "results" / "studies" / "cpu"))
        for name, fn in study_report.TABLES.items()},

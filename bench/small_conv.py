@@ -69,6 +69,19 @@ def time_conv(module: nn.Conv2d, shape: torch.Size, s, dense: bool) -> float:
     return time_it(call, repeats=10, warmup=3) * 1e3
 
 
+def table(result: dict) -> str:
+    """docs/RESULTS.md's per-conv table from the JSON this script writes (`--out`): forward +
+    backward ms of nn.Conv2d's path and of the dense matmul, and the path the model uses."""
+    lines = ["| input (N, C, H, W) | out | kernel | stride | nn.Conv2d ms | dense ms | used |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for layer in result["layers"]:
+        used = "dense" if layer["used"] == "dense" else "nn.Conv2d"
+        lines.append(f"| {tuple(layer['input'])} | {layer['out']} | {layer['kernel']} "
+                     f"| {layer['stride']} | {layer['conv_ms']:.1f} | {layer['dense_ms']:.1f} "
+                     f"| {used} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -94,3 +97,14 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ssl-lab: error: "), err
     return err[0]
+
+
+@pytest.fixture
+def report(monkeypatch):
+    """bench/report.py as a module (the docs' generated tables)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))  # it imports its sibling scripts
+    spec = importlib.util.spec_from_file_location("report", bench / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,10 +5,10 @@ and the targeted experiment on the infusion bound (4× the epochs, digits).
     nice -n 15 .venv/bin/python bench/study_infusion.py [--scale 0.1] [--part all|main|long]
     python bench/report.py     # the tables of docs/infusion.md, from docs/results/infusion/
 
---part main (~20 CPU-minutes of one core at --scale 0.1): every variant over seeds; Fashion-MNIST
+--part main (~10 CPU-minutes of one AMD EPYC core at --scale 0.1): every variant over seeds; Fashion-MNIST
 on a 10% subset with a 256-unit operator for 10 epochs, digits in full for 30 epochs; the K =
 50/100 re-scoring of infusion and alpha0, and the bound-vs-K sweep of the seed-0 infusion runs.
---part long (~10 CPU-minutes): the targeted experiment, digits `infusion` and `alpha0` trained 4×
+--part long (~4 CPU-minutes): the targeted experiment, digits `infusion` and `alpha0` trained 4×
 the epochs (seeds 0-2), scored like the main runs plus K = 100 on all 359 test images.
 --scale 1 is the paper's size (all 54k train images, 1200 units, batch 512, 100 epochs, 10k
 Parzen samples, full test set): a GPU job, to be written to another --raw folder.

@@ -6,7 +6,7 @@ Stages (each skipped when its output exists, resumed when it was interrupted):
      and the backbone output of a random-init encoder of the same architecture;
   3. `score` for each (retrieval among N held-out test images, diversity) and sample grids.
 
-    nice -n 15 .venv/bin/python bench/study_rcdm.py            # scale 1: ~35-40 CPU-minutes
+    .venv/bin/python bench/study_rcdm.py                     # scale 1: ~20 CPU-minutes (AMD EPYC)
     .venv/bin/python bench/study_rcdm.py --scale 2 --threads 8  # 32×32 (28 padded), wider UNet
 
 `--scale` multiplies the canvas (16·s, content 14·s), the UNet width (32·s) and the training

@@ -13,7 +13,7 @@ import itertools
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +161,7 @@ def _knn_table(families: list[Seeds]) -> str:
     return "\n".join(lines)
 
 
-def _width_rows(raw: Path, seeds: int):
+def _width_rows(raw: Path, seeds: int) -> Iterator[tuple[str, int, Seeds, Seeds, dict]]:
     """(method, width, family, its digits family, {metric: per-seed values}) per finished run."""
     for method in ("simclr", "supervised"):
         for w in WIDTHS:

@@ -220,3 +220,13 @@ def test_every_study_table_reads_the_committed_raw_folder(study_report):
     for name, fn in study_report.TABLES.items():
         assert report.TABLES[name](ROOT / "docs") == fn(raw)
         assert len(fn(raw).splitlines()) > 2, name
+
+
+def test_plot_all_draws_every_study_plot_from_the_raw_folder(study_report, tmp_path):
+    raw = ROOT / "docs" / "results" / "studies" / "cpu"
+    written = study_report.plot_all(raw, 3, tmp_path)
+    names = ["study-guillotine.png", "study-guillotine-shapes.png", "study-width.png",
+             "study-views-wallclock.png"]
+    assert written == [tmp_path / n for n in names]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert study_report.plot_all(tmp_path / "empty", 3, tmp_path / "none") == []  # no runs, no plots

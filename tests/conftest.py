@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +101,23 @@ def one_line_error(capsys) -> str:
 
 
 @pytest.fixture
-def report(monkeypatch):
-    """bench/report.py as a module (the docs' generated tables)."""
+def bench_script(monkeypatch):
+    """Load bench/<name>.py as a fresh module: the bench scripts are scripts, not a package, and
+    import their siblings, so bench/ goes on sys.path and the module into sys.modules (where
+    dataclasses look their module up) for the test's duration."""
     bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))  # it imports its sibling scripts
-    spec = importlib.util.spec_from_file_location("report", bench / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(str(bench))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
+@pytest.fixture
+def report(bench_script):
+    """bench/report.py (the docs' generated tables)."""
+    return bench_script("report")

@@ -3,7 +3,6 @@ of the raw files, and the study resumes without redoing a run (no training here:
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
@@ -14,15 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tables(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    return importlib.import_module("infusion_tables")
+def tables(bench_script):
+    return bench_script("infusion_tables")
 
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    return importlib.import_module("study_infusion")
+def study(bench_script):
+    return bench_script("study_infusion")
 
 
 def fake_record(data, variant, seed, *, parzen=0.0, sigma=0.2, bound=0.0, chain=0.0,

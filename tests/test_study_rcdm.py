@@ -3,7 +3,6 @@ study writing (and skipping) its raw files, with every expensive stage stubbed o
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -14,14 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tables(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    return importlib.import_module("rcdm_tables")
+def tables(bench_script):
+    return bench_script("rcdm_tables")
 
 
 @pytest.fixture
-def study(tables):
-    return importlib.import_module("study_rcdm")
+def study(bench_script):
+    return bench_script("study_rcdm")
 
 
 def _record(layer: str, mean: float, median: float, top1: float, top5: float, pix: tuple,

@@ -3,9 +3,7 @@ the workers split the runs; the tables read small hand-made raw files (no traini
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,8 @@ PER_RUN = {"seed", "run.dir", "train.epochs"}
 
 
 @pytest.fixture
-def targeted(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports its sibling scripts
-    spec = importlib.util.spec_from_file_location("targeted", ROOT / "bench" / "targeted.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "targeted", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def targeted(bench_script):
+    return bench_script("targeted")
 
 
 def _typed(flat: dict) -> dict:

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 # sibling scripts: the seeds tables' mean ± std, mean and std in points (the noise rule's), and
-# the studies' frozen protocols
+# the studies' run reader and frozen protocols
+import study_report  # noqa: E402
 from methods_seeds import _mean_std  # noqa: E402
 from recipe_select import _stats  # noqa: E402
 from studies import PROTOCOLS, check_saved, read_complete  # noqa: E402
@@ -194,21 +195,9 @@ def load_long(raw: Path, protocol: str) -> list[Report]:
 
 
 def load_short(studies_raw: Path, protocol: str) -> list[Report]:
-    """The studies' 3-epoch eval reports of a protocol (<protocol>-s<seed>/evals/<tag>.json),
-    one per finished seed."""
-    from ssl_lab.eval.run import dataset_tag
-
-    reports = []
-    for run_dir in sorted(studies_raw.glob(f"{protocol}-s*") if studies_raw.is_dir() else []):
-        # exact name: the glob "simclr-s*" also matches simclr-shapes-s0
-        name, _, seed = run_dir.name.rpartition("-s")
-        summary = _read(run_dir / "summary.json")
-        if name != protocol or not seed.isdigit() or summary is None:
-            continue
-        report = _read(run_dir / "evals" / f"{dataset_tag(summary['dataset'])}.json")
-        if report is not None:
-            reports.append(report)
-    return reports
+    """The studies' 3-epoch eval reports of a protocol, one per finished seed (study_report's
+    reader of <protocol>-s<seed>/evals/<tag>.json)."""
+    return study_report.load(studies_raw, protocol, study_report.SEEDS).reports
 
 
 def verdict(a: list[float], b: list[float]) -> str:

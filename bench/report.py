@@ -79,7 +79,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "main-job-layers": lambda root: recipe_select.layers_table(root / "results" / "recipe"),
     "eval-scale": _eval_scale("eval_scale.json"),
     "loader": lambda root: bench_loader.table({
-        name: json.loads((root / "bench" / f"{name}.json").read_text())
+        name: _bench(root, f"{name}.json")
         for name in ("loader", "loader_s11_run1", "loader_s11_run3")}),
     "eval-scale-blocked-50k": _eval_scale("eval_scale_blocked_50k.json"),
     "train-throughput": lambda root: bench_train.table(_bench(root, "train_throughput_s11.json")),
